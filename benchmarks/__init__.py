@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): speed and memory as ratios measured side by side in one run."""

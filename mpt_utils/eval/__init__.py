@@ -1,0 +1,1 @@
+"""Evaluators: perplexity, downstream tasks, speed and size."""

@@ -1,0 +1,93 @@
+"""Perplexity by the papers' protocol: one tokenization, non-overlapping windows, mean token NLL."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mpt_utils.errors import MPTError
+from mpt_utils.models import pick_device
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    n_tokens: int  # tokens scored
+    n_windows: int
+    seqlen: int
+    seconds: float
+    tokens_per_s: float  # tokens forwarded per second (windows x seqlen / seconds)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def window_ids(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Cut a 1-D id tensor into non-overlapping [n, seqlen] windows; the incomplete tail is dropped,
+    as in the GPTQ/SparseGPT/Wanda evaluation code, so numbers stay comparable."""
+    if seqlen < 2:
+        raise MPTError(f"seqlen={seqlen} is too short", "use seqlen >= 2 (2048 for 7B models)")
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise MPTError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}",
+                       "use a shorter seqlen or a larger evaluation corpus")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def nll_from_logits(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL per window (float64 accumulation: long texts, tiny differences)."""
+    shift = logits[:, :-1, :].float()
+    target = windows[:, 1:].to(shift.device)
+    loss = F.cross_entropy(shift.reshape(-1, shift.size(-1)), target.reshape(-1), reduction="none")
+    return loss.view(windows.size(0), -1).double().sum(dim=1)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int = 2048, batch_size: int = 1,
+               device: str | torch.device | None = None, max_windows: int | None = None,
+               progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+    """Perplexity of `model` on 1-D token ids `ids`. A collapsed model (inf/NaN loss) gives ppl=inf."""
+    dev = pick_device(device) if device is not None else next(model.parameters()).device
+    windows = window_ids(ids, seqlen, max_windows)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    start = time.perf_counter()
+    for i in tqdm(range(0, windows.size(0), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = windows[i : i + batch_size].to(dev)
+        logits = model(input_ids=batch, use_cache=False).logits
+        total += float(nll_from_logits(logits, batch).sum())
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    n_scored = windows.size(0) * (seqlen - 1)
+    nll = total / n_scored
+    ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
+    return PerplexityResult(ppl=ppl, nll=nll if math.isfinite(nll) else math.inf, n_tokens=n_scored,
+                            n_windows=windows.size(0), seqlen=seqlen, seconds=seconds,
+                            tokens_per_s=windows.numel() / seconds if seconds > 0 else math.inf)
+
+
+def perplexity_rows(model: torch.nn.Module, tokenizer, datasets: list[str], seqlen: int,
+                    max_windows: int | None = None, batch_size: int = 1,
+                    device: str | torch.device | None = None, progress: bool = True) -> list[dict]:
+    """Tidy rows (metric='ppl', one per dataset) for the results store, with tokens and tokens/s."""
+    from mpt_utils.data import eval_ids
+
+    rows = []
+    for name in datasets:
+        res = perplexity(model, eval_ids(tokenizer, name), seqlen=seqlen, batch_size=batch_size,
+                         device=device, max_windows=max_windows, progress=progress, desc=f"ppl {name}")
+        rows.append({"metric": "ppl", "data": name, "value": res.ppl, "nll": res.nll,
+                     "n_tokens": res.n_tokens, "n_windows": res.n_windows, "seqlen": seqlen,
+                     "tokens_per_s": res.tokens_per_s})
+    return rows

