@@ -1,0 +1,120 @@
+"""The phase-avoidance planner (eq. 6 of the Perspective).
+
+    min_C Size(C)  s.t.  L(C) − L_base ≤ ε  and  C ∈ S_safe = {s < PTP_prune, b > PTP_quant, r < PTP_rank}
+
+Each compression dimension d contributes a fitted curve L_d(s_d) on its own compression-ratio axis
+(fraction of weight bytes it removes). Following the Perspective's orthogonality argument, the
+damages add: L(C) = L_base + Σ_d (L_d(s_d) − L_d(0)), and sizes multiply: Size(C) = Π_d (1 − s_d).
+The additivity is an assumption the user can check against measured combined points (Tables 8–10).
+The planner solves the problem exactly on a grid (a few dimensions × ~50 steps is cheap), and the
+execution order is fixed by the paper's argument: decomposition → pruning → quantization.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from mpt_utils.errors import MPTError
+
+EXECUTION_ORDER = ("lowrank", "prune", "quant")  # structural changes first, quantize last
+
+
+@dataclass
+class Dimension:
+    """One compression axis: `predict(s)` gives the metric (PPL) at ratio s; `ptp` bounds the safe zone."""
+
+    name: str  # "quant", "prune" or "lowrank" (any name works; these fix the execution order)
+    predict: Callable[[np.ndarray], np.ndarray]
+    ptp: float  # safe zone is s < ptp (use the largest measured ratio when no PTP was found)
+    grid: Sequence[float] | None = None  # ratios the dimension can actually realise (e.g. bit widths)
+    margin: float = 0.0  # stay this far below the PTP
+
+    def safe_grid(self, steps: int) -> np.ndarray:
+        values = np.asarray(self.grid if self.grid is not None else np.linspace(0, self.ptp, steps), float)
+        # strictly below the PTP (the event horizon), and the uncompressed point is always allowed
+        return np.unique(np.append(values[values < self.ptp - self.margin - 1e-12], 0.0))
+
+
+@dataclass
+class Plan:
+    ratios: dict[str, float]
+    size: float  # fraction of the original weight bytes kept
+    predicted: float  # predicted metric of the combined configuration
+    base: float
+    epsilon: float
+    order: tuple[str, ...]
+
+    @property
+    def compression(self) -> float:
+        return 1.0 - self.size
+
+
+def _validate(dims: Sequence[Dimension], epsilon: float) -> None:
+    if not dims:
+        raise MPTError("the planner needs at least one dimension", "pass Dimension(...) for quant/prune/lowrank")
+    if epsilon < 0:
+        raise MPTError(f"epsilon={epsilon} is negative", "pass the tolerated metric increase, e.g. 0.5 PPL")
+    names = [d.name for d in dims]
+    if len(set(names)) != len(names):
+        raise MPTError(f"dimension names repeat: {names}", "give each dimension its own name")
+
+
+def _table(dims: Sequence[Dimension], steps: int, base: float | None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Every safe combination: ratios [k, d], kept size [k], predicted metric [k], base metric.
+    `base` is the dense metric; by default the first dimension's curve at ratio 0."""
+    grids = [d.safe_grid(steps) for d in dims]
+    if base is None:
+        base = float(dims[0].predict(np.array([0.0]))[0])
+    combos = np.array(list(itertools.product(*grids)), dtype=float)
+    damage = np.zeros(len(combos))
+    for j, d in enumerate(dims):
+        at0 = float(d.predict(np.array([0.0]))[0])
+        damage += np.asarray(d.predict(combos[:, j]), float) - at0
+    size = np.prod(1.0 - combos, axis=1)
+    return combos, size, base + damage, base
+
+
+def plan(dims: Sequence[Dimension], epsilon: float, steps: int = 41, base: float | None = None) -> Plan:
+    """The smallest configuration inside the safe zone whose predicted metric stays within ε."""
+    _validate(dims, epsilon)
+    combos, size, predicted, base = _table(dims, steps, base)
+    ok = np.isfinite(predicted) & (predicted - base <= epsilon)
+    if not ok.any():
+        raise MPTError("no configuration meets the tolerance", "raise epsilon")
+    idx = np.flatnonzero(ok)
+    best = idx[np.lexsort((predicted[idx], size[idx]))[0]]  # smallest size, then lowest metric
+    order = tuple(sorted((d.name for d in dims),
+                         key=lambda n: EXECUTION_ORDER.index(n) if n in EXECUTION_ORDER else len(EXECUTION_ORDER)))
+    return Plan({d.name: float(combos[best, j]) for j, d in enumerate(dims)}, float(size[best]),
+                float(predicted[best]), base, float(epsilon), order)
+
+
+def trajectory(dims: Sequence[Dimension], sizes: Sequence[float], steps: int = 41,
+               base: float | None = None) -> pd.DataFrame:
+    """Minimum-metric safe configuration at each size budget: the 'minimum energy path' of Fig. 8."""
+    _validate(dims, 0.0)
+    combos, size, predicted, base = _table(dims, steps, base)
+    rows = []
+    for budget in sorted(sizes, reverse=True):
+        fits = np.flatnonzero((size <= budget + 1e-12) & np.isfinite(predicted))
+        if fits.size == 0:
+            rows.append({"size_budget": budget, "feasible": False})
+            continue
+        best = fits[np.argmin(predicted[fits])]
+        rows.append({"size_budget": budget, "feasible": True, "size": float(size[best]),
+                     "predicted": float(predicted[best]), "delta": float(predicted[best] - base),
+                     **{d.name: float(combos[best, j]) for j, d in enumerate(dims)}})
+    return pd.DataFrame(rows)
+
+
+def dimension_from_fit(name: str, fit, grid: Sequence[float] | None = None, margin: float = 0.0) -> Dimension:
+    """A planner dimension from a `mpt_utils.ptp.PTPFit`: its prediction, and its PTP as the bound
+    (or the largest measured ratio when the fit found no PTP: we do not extrapolate past the data)."""
+    bound = float(fit.s0) if fit.has_ptp else float(np.max(fit.s))
+    return Dimension(name, lambda s: fit.predict(s), bound, grid, margin)

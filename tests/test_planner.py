@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from mpt_utils.errors import MPTError
+from mpt_utils.planner import Dimension, plan, trajectory
+
+
+def _curve(s0, slope, rate, base=5.0):
+    """Flat-ish up to s0, exponential collapse after: a known-PTP curve."""
+    def f(s):
+        s = np.asarray(s, float)
+        return np.where(s <= s0, base + slope * s, (base + slope * s0) * np.exp(rate * (s - s0)))
+    return f
+
+
+DIMS = [Dimension("quant", _curve(0.8, 0.5, 30), 0.8, grid=[1 - b / 16 for b in (16, 8, 6, 5, 4, 3, 2)]),
+        Dimension("prune", _curve(0.6, 2.0, 20), 0.6),
+        Dimension("lowrank", _curve(0.2, 6.0, 25), 0.2)]
+
+
+def test_plan_stays_inside_the_safe_zone_and_tolerance():
+    for eps in (0.0, 0.3, 1.0, 3.0, 100.0):
+        p = plan(DIMS, eps)
+        assert p.ratios["quant"] < 0.8 and p.ratios["prune"] < 0.6 and p.ratios["lowrank"] < 0.2
+        assert p.predicted - p.base <= eps + 1e-9
+    assert plan(DIMS, 0.0).size == pytest.approx(1.0)  # no tolerance: stay dense
+
+
+def test_plan_size_shrinks_as_tolerance_grows_and_exploits_robust_axis_first():
+    sizes = [plan(DIMS, eps).size for eps in (0.1, 0.5, 1.0, 2.0, 4.0)]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:]))
+    small = plan(DIMS, 0.5)
+    # quantization is the flattest curve: it is used before the fragile low-rank axis
+    assert small.ratios["quant"] > 0 and small.ratios["lowrank"] <= small.ratios["quant"]
+    assert small.order == ("lowrank", "prune", "quant")
+
+
+def test_trajectory_is_monotone_in_budget():
+    traj = trajectory(DIMS, [1.0, 0.5, 0.25, 0.12, 0.05, 0.01])
+    feasible = traj[traj.feasible]
+    assert (feasible["size"] <= feasible["size_budget"] + 1e-12).all()
+    assert feasible["predicted"].is_monotonic_increasing
+    assert not traj[traj.size_budget == 0.01].feasible.iloc[0]  # beyond every PTP: infeasible
+
+
+def test_bad_planner_input():
+    with pytest.raises(MPTError, match="negative"):
+        plan(DIMS, -1)
+    with pytest.raises(MPTError, match="repeat"):
+        plan([DIMS[0], DIMS[0]], 1.0)
