@@ -118,3 +118,43 @@ def dimension_from_fit(name: str, fit, grid: Sequence[float] | None = None, marg
     (or the largest measured ratio when the fit found no PTP: we do not extrapolate past the data)."""
     bound = float(fit.s0) if fit.has_ptp else float(np.max(fit.s))
     return Dimension(name, lambda s: fit.predict(s), bound, grid, margin)
+
+
+def additivity_check(grid: pd.DataFrame, row: str = "ratio", col: str = "scheme", value: str = "value",
+                     base_row=0.0, base_col="FP16") -> pd.DataFrame:
+    """Test the orthogonality assumption on a measured 2-D grid (e.g. Table 10: Wanda ratio × GGUF
+    scheme): predict each combined point from its two marginals, L(a,b) ≈ L(a,0) + L(0,b) − L(0,0),
+    and report the prediction next to the measurement."""
+    table = grid.pivot_table(index=row, columns=col, values=value, aggfunc="first")
+    if base_row not in table.index or base_col not in table.columns:
+        raise MPTError(f"grid lacks the uncompressed margins ({row}={base_row}, {col}={base_col})",
+                       "pass a grid that contains both single-method margins")
+    base = table.loc[base_row, base_col]
+    pred = table[[base_col]].to_numpy() + table.loc[[base_row]].to_numpy() - base
+    out = table.stack().rename("measured").to_frame()
+    out["predicted"] = pd.DataFrame(pred, index=table.index, columns=table.columns).stack()
+    out["rel_error"] = out["predicted"] / out["measured"] - 1.0
+    return out.reset_index()
+
+
+def published_dimensions(fit=None) -> tuple[list[Dimension], dict[str, object], float]:
+    """Planner dimensions for LLaMA-2-7B from the published curves the Perspective's Fig. 8 uses:
+    GGUF ladder (Table 10, 0% row; ratio = 1 − relative size), ADMM (Table 2), ASVD (Table 7).
+    Returns the dimensions, their fits and the dense PPL of the GGUF protocol (Table 10 FP16)."""
+    from mpt_utils.ptp import fit_ptp
+    from mpt_utils.published import load_published
+
+    fit = fit or fit_ptp
+    t10 = load_published("table10")
+    ladder = t10[t10.ratio == 0].sort_values("size_pct", ascending=False)
+    quant_s = 1.0 - ladder.size_pct.to_numpy(float) / 100.0
+    t2 = load_published("table2")
+    admm = t2[(t2.method == "ADMM") & (t2.pattern == "unstructured")]
+    t7 = load_published("table7")
+    asvd = t7[(t7.method == "ASVD") & (t7.metric == "wikitext2_ppl")]
+    fits = {"quant": fit(quant_s, ladder.value.to_numpy(float)),
+            "prune": fit(admm.ratio.to_numpy(float), admm.value.to_numpy(float)),
+            "lowrank": fit(asvd.ratio.to_numpy(float), asvd.value.to_numpy(float))}
+    dims = [dimension_from_fit("quant", fits["quant"], grid=quant_s), dimension_from_fit("prune", fits["prune"]),
+            dimension_from_fit("lowrank", fits["lowrank"])]
+    return dims, fits, float(ladder[ladder.scheme == "FP16"].value.iloc[0])

@@ -48,3 +48,17 @@ def test_bad_planner_input():
         plan(DIMS, -1)
     with pytest.raises(MPTError, match="repeat"):
         plan([DIMS[0], DIMS[0]], 1.0)
+
+
+def test_additivity_check_is_exact_on_an_additive_grid():
+    import pandas as pd
+
+    from mpt_utils.planner import additivity_check
+
+    rows = [{"ratio": r, "scheme": q, "value": 5 + 10 * r**2 + dq}
+            for r in (0.0, 0.3, 0.6) for q, dq in (("FP16", 0.0), ("Q4", 0.2), ("Q2", 1.5))]
+    out = additivity_check(pd.DataFrame(rows))
+    assert len(out) == 9 and out["rel_error"].abs().max() < 1e-12
+    rows[-1]["value"] += 3.0  # an interaction term shows up as error exactly there
+    out = additivity_check(pd.DataFrame(rows))
+    assert out["rel_error"].abs().idxmax() == out.index[(out.ratio == 0.6) & (out.scheme == "Q2")][0]
