@@ -1,0 +1,611 @@
+"""Phase Transition Point (PTP) fits: the Perspective's piecewise power-law / exponential law (eq. 5).
+
+    L(s) = A·s^α + B                                      s ≤ s0   (gradual degradation)
+    L(s) = (A·s0^α + B)·exp(β(s−s0) + γ(s−s0)²)           s > s0   (collapse)
+
+The printed eq. 5 writes the second branch as A·s0^α·exp(...), without B. That breaks the C0
+continuity the paper claims (L(s0⁻) = A·s0^α + B ≠ A·s0^α), so we use the continuous form above.
+
+How the fit works:
+- everything is fitted on log L, because PPL spans orders of magnitude and a collapse point would
+  otherwise dominate the least squares;
+- s0 is profiled: a grid scan between data points (at least `min_pre` points at or before s0 and
+  `min_post` after it), each grid value fitting (A, α, B, β, γ) by Levenberg-Marquardt least squares
+  (MINPACK via `scipy.optimize.leastsq`, analytic Jacobian, two starts), then a bounded 1-D
+  refinement around the best grid value;
+- α is kept in [0.1, 5]: a steeper "gradual" branch imitates the collapse itself and s0 is no longer
+  identifiable; the collapse branch may only steepen the curve (β ≥ the power law's slope at s0);
+- a per-point noise floor (0.5% of PPL, the standard errors printed in the seed's Tables 5-6) keeps a
+  6-parameter fit of 7-8 points from claiming unbounded evidence; without it, smooth synthetic curves
+  got a "PTP" in 30-50% of noisy draws;
+- the 95% interval for s0 is a profile interval over s0: by default the small-sample F rule of
+  nonlinear regression, (RSS(s0) − RSS_min)/(RSS_min/(n−6)) ≤ F(1, n−6); `ci="chi2"` gives the
+  large-sample rule n·log(RSS(s0)/RSS_min) ≤ χ²₁, which undercovers on 8-13 points (see `_ci`);
+- the piecewise law must beat both a pure power law (A·s^α + B) and a pure quadratic exponential
+  exp(a + βs + γs²) on BIC, by `min_delta_bic`, with s0 inside the data and a real collapse after it,
+  before a PTP is reported. Otherwise the verdict is "no PTP in range": we never invent one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import brentq, leastsq, minimize_scalar
+from scipy.stats import chi2
+from scipy.stats import f as f_dist
+
+from mpt_utils.errors import MPTError
+
+AXES = ("sparsity", "bits")
+N_PARAMS = {"piecewise": 7, "power": 4, "exp": 4}  # fitted parameters + the noise variance
+ALPHA_INITS = (0.5, 1.0, 2.0, 4.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# axis conversion
+# ----------------------------------------------------------------------------------------------
+
+def bits_to_ratio(bits, baseline_bits: float = 16.0) -> np.ndarray:
+    """Compression ratio of `bits` per weight against the FP16 (or `baseline_bits`) baseline."""
+    return 1.0 - np.asarray(bits, dtype=float) / baseline_bits
+
+
+def ratio_to_bits(s, baseline_bits: float = 16.0) -> np.ndarray:
+    return baseline_bits * (1.0 - np.asarray(s, dtype=float))
+
+
+# ----------------------------------------------------------------------------------------------
+# the three models, on log L
+# ----------------------------------------------------------------------------------------------
+
+def _log_s(s: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.log(np.maximum(s, 0.0))  # log 0 = -inf, so A·0^α = 0 below
+
+
+def _log_power(theta: Sequence[float], s: np.ndarray) -> np.ndarray:
+    """log(A·s^α + B), parametrized by (log A, α, log B) so A, B stay positive."""
+    log_a, alpha, log_b = theta
+    return np.logaddexp(log_a + alpha * _log_s(s), log_b)
+
+
+def _log_piecewise(theta: Sequence[float], s: np.ndarray, s0: float) -> np.ndarray:
+    log_a, alpha, log_b, beta, gamma = theta
+    pre = _log_power((log_a, alpha, log_b), s)
+    at_s0 = _log_power((log_a, alpha, log_b), np.array([s0]))[0]
+    d = s - s0
+    return np.where(s <= s0, pre, at_s0 + beta * d + gamma * d * d)
+
+
+def _log_exp(theta: Sequence[float], s: np.ndarray) -> np.ndarray:
+    a, beta, gamma = theta
+    return a + beta * s + gamma * s * s
+
+
+# ----------------------------------------------------------------------------------------------
+# fitting pieces
+# ----------------------------------------------------------------------------------------------
+
+def _power_init(s: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """A cheap start for (log A, α, log B): linear LS of L ≈ A·s^α + B for a few α, relative errors."""
+    target = np.exp(y)
+    best, best_err = (math.log(1e-6), 1.0, float(np.min(y))), math.inf
+    for alpha in ALPHA_INITS:
+        design = np.column_stack([np.maximum(s, 0.0) ** alpha, np.ones_like(s)]) / target[:, None]
+        (a, b), *_ = np.linalg.lstsq(design, np.ones_like(s), rcond=None)
+        a, b = max(a, 1e-6), max(b, 1e-6 * float(np.min(target)))
+        theta = (math.log(a), alpha, math.log(b))
+        err = float(np.sum((_log_power(theta, s) - y) ** 2))
+        if err < best_err:
+            best, best_err = theta, err
+    return best
+
+
+def _alpha(u: float, bounds: tuple[float, float]) -> tuple[float, float]:
+    """α = lo + (hi − lo)·sigmoid(u) keeps α in its bounds without a bounded solver (lm is ~10× faster)."""
+    sig = 0.5 * (1.0 + math.tanh(0.5 * u))
+    return bounds[0] + (bounds[1] - bounds[0]) * sig, (bounds[1] - bounds[0]) * sig * (1.0 - sig)
+
+
+def _alpha_inverse(alpha: float, bounds: tuple[float, float]) -> float:
+    p = min(max((alpha - bounds[0]) / (bounds[1] - bounds[0]), 1e-6), 1 - 1e-6)
+    return math.log(p / (1.0 - p))
+
+
+def _power_terms(log_a: float, alpha: float, log_b: float, log_s: np.ndarray, log_s0: np.ndarray):
+    """log(A·s^α + B) and its derivatives in (log A, α, log B); `log_s0` is log s with 0 where s = 0."""
+    with np.errstate(invalid="ignore", over="ignore"):  # a wild solver step; the residual guard catches it
+        value = np.logaddexp(log_a + alpha * log_s, log_b)
+        share = np.exp(log_a + alpha * log_s - value)  # A·s^α / (A·s^α + B), 0 at s = 0
+    return value, share, share * log_s0, 1.0 - share
+
+
+def _solve(residual, jac, start: np.ndarray) -> tuple[np.ndarray, float]:
+    """Levenberg-Marquardt (MINPACK) straight through `leastsq`: least_squares' wrappers cost more
+    than our tiny residuals, and a fit needs a few hundred solves."""
+    with warnings.catch_warnings():  # maxfev reached along a flat direction is expected: best start wins
+        warnings.simplefilter("ignore", RuntimeWarning)
+        u, _ = leastsq(residual, start, Dfun=jac, maxfev=200)
+    return u, float(np.sum(residual(u) ** 2))
+
+
+def _fit_power(s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float]) -> tuple[np.ndarray, float]:
+    """Pure power law on all points; returns (log A, α, log B) and the log-space RSS."""
+
+    def unpack(t):
+        alpha, dadu = _alpha(t[1], alpha_bounds)
+        return t[0], alpha, t[2], dadu
+
+    log_s = _log_s(s)
+    log_s0 = np.where(s > 0, log_s, 0.0)
+
+    def residual(t):
+        log_a, alpha, log_b, _ = unpack(t)
+        r = _power_terms(log_a, alpha, log_b, log_s, log_s0)[0] - y
+        return r if math.isfinite(float(r.sum())) else np.full_like(r, 1e6)
+
+    def jac(t):
+        log_a, alpha, log_b, dadu = unpack(t)
+        _, share, d_alpha, share_b = _power_terms(log_a, alpha, log_b, log_s, log_s0)
+        return np.column_stack([share, d_alpha * dadu, share_b])
+
+    log_a, alpha, log_b = _power_init(s, y)
+    theta, rss = _solve(residual, jac, np.array([log_a, _alpha_inverse(alpha, alpha_bounds), log_b]))
+    return np.array([theta[0], _alpha(theta[1], alpha_bounds)[0], theta[2]]), rss
+
+
+def _fit_exp(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    gamma, beta, a = np.polyfit(s, y, 2)
+    theta = np.array([a, beta, gamma])
+    return theta, float(np.sum((_log_exp(theta, s) - y) ** 2))
+
+
+def _piecewise_start(s: np.ndarray, y: np.ndarray, s0: float) -> np.ndarray:
+    pre = s <= s0
+    log_a, alpha, log_b = _power_init(s[pre], y[pre])
+    at_s0 = _log_power((log_a, alpha, log_b), np.array([s0]))[0]
+    d = s[~pre] - s0
+    design = np.column_stack([d, d * d]) if d.size >= 2 else d[:, None]
+    coef, *_ = np.linalg.lstsq(design, y[~pre] - at_s0, rcond=None)
+    beta, gamma = (coef[0], coef[1]) if coef.size == 2 else (coef[0], 0.0)
+    return np.array([log_a, alpha, log_b, beta, gamma])
+
+
+def _softplus(w: float) -> float:
+    return max(w, 0.0) + math.log1p(math.exp(-abs(w)))
+
+
+def _softplus_inverse(v: float) -> float:
+    v = max(v, 1e-6)
+    return v + math.log(-math.expm1(-v))
+
+
+def _kink_slope(log_a: float, alpha: float, log_b: float, s0: float) -> tuple[float, float]:
+    """The power law's log-slope at s0, d/ds log(A·s^α + B), and its share A·s0^α/(A·s0^α + B)."""
+    share = 1.0 / (1.0 + math.exp(min(log_b - log_a - alpha * math.log(s0), 700.0)))
+    return share * alpha / s0, share
+
+
+class _Profile:
+    """RSS of the best piecewise fit at a fixed s0, remembered so nearby s0 values start warm.
+
+    The collapse branch starts with log-slope β = (power-law log-slope at s0) + softplus(w) ≥ it:
+    a phase transition steepens the curve. Without this the fit happily "explains" noise with a
+    kink that flattens the curve, which is no collapse at all.
+    """
+
+    def __init__(self, s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float]):
+        self.s, self.y, self.bounds = s, y, alpha_bounds
+        self.seen: dict[float, tuple[float, np.ndarray]] = {}
+
+    def _model(self, s0: float):
+        """Residual, Jacobian and θ <-> u maps at this s0. Arrays hold ~10 points, where each numpy call
+        costs more than its arithmetic, so the code keeps the number of array operations small."""
+        s, y, pre = self.s, self.y, self.s <= s0
+        d = np.where(pre, 0.0, s - s0)
+        d2 = d * d
+        clamped = np.where(pre, s, s0)  # past s0 the power-law part is frozen at its value at s0
+        log_s = _log_s(clamped)
+        log_s0 = np.where(clamped > 0, log_s, 0.0)
+        ls0 = math.log(s0)
+        cols = np.empty((s.size, 5))
+        cols[:, 4] = d2
+
+        def scalars(u):
+            alpha, dadu = _alpha(u[1], self.bounds)
+            slope, share0 = _kink_slope(u[0], alpha, u[2], s0)
+            return alpha, dadu, slope, share0, slope + _softplus(u[3])
+
+        def residual(u):
+            alpha, _, _, _, beta = scalars(u)
+            with np.errstate(invalid="ignore", over="ignore"):
+                r = np.logaddexp(log_a_s(u, alpha), u[2]) - y + d * (beta + u[4] * d)
+            return r if math.isfinite(float(r.sum())) else np.full_like(r, 1e6)  # a wild lm step
+
+        def log_a_s(u, alpha):
+            return u[0] + alpha * log_s
+
+        def jac(u):
+            alpha, dadu, _, share0, _ = scalars(u)
+            z = log_a_s(u, alpha)
+            with np.errstate(invalid="ignore", over="ignore"):
+                share = np.exp(z - np.logaddexp(z, u[2]))  # A·s^α / (A·s^α + B)
+            curv = d * (share0 * (1.0 - share0) * alpha / s0)  # d·∂slope/∂log A = −d·∂slope/∂log B
+            cols[:, 0] = share + curv
+            cols[:, 1] = (share * log_s0 + d * ((share0 + alpha * share0 * (1.0 - share0) * ls0) / s0)) * dadu
+            cols[:, 2] = 1.0 - share - curv
+            cols[:, 3] = d * (0.5 * (1.0 + math.tanh(0.5 * u[3])))
+            return cols.copy()
+
+        def to_theta(u):
+            alpha, _, _, _, beta = scalars(u)
+            return np.array([u[0], alpha, u[2], beta, u[4]])
+
+        def to_u(t):
+            slope, _ = _kink_slope(t[0], t[1], t[2], s0)
+            return np.array([t[0], _alpha_inverse(t[1], self.bounds), t[2],
+                             _softplus_inverse(t[3] - slope), t[4]])
+
+        return residual, jac, to_theta, to_u
+
+    def _warm(self, s0: float) -> np.ndarray | None:
+        if not self.seen:
+            return None
+        return self.seen[min(self.seen, key=lambda k: abs(k - s0))][1]
+
+    def __call__(self, s0: float) -> tuple[float, np.ndarray]:
+        """(RSS, θ) with θ = (log A, α, log B, β, γ) at this s0."""
+        s0 = float(s0)
+        if s0 in self.seen:
+            return self.seen[s0]
+        residual, jac, to_theta, to_u = self._model(s0)
+        starts = [_piecewise_start(self.s, self.y, s0)]
+        warm = self._warm(s0)
+        if warm is not None:
+            starts.append(warm)
+        best = (math.inf, starts[0])
+        for start in starts:
+            u, rss = _solve(residual, jac, to_u(start))
+            if rss < best[0]:
+                best = (rss, to_theta(u))
+        self.seen[s0] = best
+        return best
+
+
+def _s0_grid(xs: np.ndarray, min_pre: int, min_post: int, per_gap: int) -> np.ndarray:
+    """s0 candidates with at least `min_pre` points at or below and `min_post` points above: the
+    admissible range is [xs[first], xs[last]), so the grid ends a hair before xs[last]."""
+    first, last = min_pre - 1, len(xs) - min_post
+    if last <= first:
+        return np.array([])
+    parts = [np.linspace(xs[i], xs[i + 1], per_gap, endpoint=False) for i in range(first, last)]
+    edge = xs[last] - 1e-6 * (xs[-1] - xs[0])
+    return np.append(np.concatenate(parts), edge)
+
+
+def _best_s0(profile: _Profile, grid: np.ndarray, scale: float) -> tuple[float, tuple[float, float] | None]:
+    """The grid minimum refined by a bounded 1-D search. Where the profile is flat (e.g. the last gap,
+    whose `min_post` points the collapse branch fits exactly) s0 is not identified: take the middle
+    of the flat stretch rather than wherever the search happened to stop, and return the stretch."""
+    rss = np.array([profile(v)[0] for v in grid])
+    k = int(np.argmin(rss))
+    ties = np.flatnonzero(rss <= rss[k] + 1e-6 * (rss[k] + scale))
+    if ties.size > 2 and ties.max() - ties.min() == ties.size - 1:
+        flat = (float(grid[ties.min()]), float(grid[ties.max()]))
+        return 0.5 * (flat[0] + flat[1]), flat
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)]
+    res = minimize_scalar(lambda v: profile(v)[0], bounds=(lo, hi), method="bounded", options={"xatol": 1e-5})
+    return (float(res.x) if profile(res.x)[0] <= rss[k] else float(grid[k])), None
+
+
+def _information(rss: float, n: int, k: int, floor: float) -> tuple[float, float]:
+    """(AICc, BIC) for Gaussian errors; `floor` is the smallest per-point variance we believe in."""
+    ll_term = n * math.log((rss + n * floor) / n)
+    aicc = ll_term + 2 * k + (2 * k * (k + 1) / (n - k - 1) if n - k - 1 > 0 else math.inf)
+    return aicc, ll_term + k * math.log(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# public result
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class PTPFit:
+    """One fitted curve. `s0`/`s0_ci` are on the compression-ratio axis; `ptp_bits` on the bit axis.
+
+    `rss` and `r2` describe the piecewise (eq. 5) fit in log space; `rss_models`, `aic` (AICc) and
+    `bic` hold every model. `model` is what `predict` uses: "piecewise" when a PTP is reported, else
+    the BIC-preferred simple model, or "none" when there were too few points for eq. 5 (no line drawn).
+    """
+
+    params: dict[str, float]
+    s0: float
+    s0_ci: tuple[float, float]
+    has_ptp: bool
+    verdict: str
+    rss: float
+    r2: float
+    aic: dict[str, float]
+    bic: dict[str, float]
+    n_points: int
+    n_dropped: int
+    axis: str
+    baseline_bits: float = 16.0
+    model: str = "none"
+    delta_bic: float = math.nan  # BIC(best simple model) − BIC(piecewise); > 0 favours the PTP
+    s0_flat: tuple[float, float] | None = None  # where the profile is flat: s0 is only known to lie here
+    rss_models: dict[str, float] = field(default_factory=dict)
+    simple_params: dict[str, dict[str, float]] = field(default_factory=dict)
+    thetas: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # log-space vectors per model
+    s: np.ndarray = field(default_factory=lambda: np.array([]), repr=False)
+    y: np.ndarray = field(default_factory=lambda: np.array([]), repr=False)
+
+    @property
+    def ptp_bits(self) -> float | None:
+        return float(ratio_to_bits(self.s0, self.baseline_bits)) if self.axis == "bits" else None
+
+    @property
+    def ptp_bits_ci(self) -> tuple[float, float] | None:
+        if self.axis != "bits":
+            return None
+        lo, hi = ratio_to_bits(np.array(self.s0_ci), self.baseline_bits)
+        return (float(hi), float(lo))  # higher ratio = fewer bits, so the ends swap
+
+    def to_native(self, s) -> np.ndarray:
+        """Compression ratio -> the curve's own axis (bits for a bit-axis fit)."""
+        return ratio_to_bits(s, self.baseline_bits) if self.axis == "bits" else np.asarray(s, dtype=float)
+
+    def predict(self, s, model: str | None = None) -> np.ndarray:
+        """PPL at compression ratio(s) `s` under `model` (default: the selected one, see class doc)."""
+        s = np.atleast_1d(np.asarray(s, dtype=float))
+        model = model or self.model
+        theta = self.thetas.get(model)  # log A can sit far below float range of A itself: use the logs
+        if theta is None:
+            return np.full_like(s, np.nan)
+        if model == "piecewise":
+            return np.exp(_log_piecewise(theta, s, self.s0))
+        return np.exp(_log_power(theta, s) if model == "power" else _log_exp(theta, s))
+
+    def curve(self, n: int = 200, native: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """A smooth (x, PPL) line over the data range for plots; x in the native axis if asked."""
+        if self.s.size == 0:
+            return np.array([]), np.array([])
+        grid = np.linspace(float(self.s.min()), float(self.s.max()), n)
+        return (self.to_native(grid) if native else grid), self.predict(grid)
+
+
+# ----------------------------------------------------------------------------------------------
+# the fit
+# ----------------------------------------------------------------------------------------------
+
+def _clean(x, y, axis: str, baseline_bits: float) -> tuple[np.ndarray, np.ndarray, int]:
+    if axis not in AXES:
+        raise MPTError(f"unknown axis {axis!r}", f"use one of: {', '.join(AXES)}")
+    x = np.asarray(x, dtype=float).ravel()
+    y = np.asarray(y, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise MPTError(f"x has {x.size} values but y has {y.size}", "pass one y per x")
+    s = bits_to_ratio(x, baseline_bits) if axis == "bits" else x
+    keep = np.isfinite(s) & np.isfinite(y) & (y > 0)  # a collapsed run (inf/NaN PPL) says nothing we can fit
+    order = np.argsort(s[keep], kind="stable")
+    return s[keep][order], np.log(y[keep][order]), int((~keep).sum())
+
+
+def _ci(profile: _Profile, grid: np.ndarray, s0: float, rss_min: float, n: int, floor: float,
+        level: float, method: str) -> tuple[float, float]:
+    """Profile interval for s0: every s0 whose best fit is not significantly worse than the optimum.
+
+    "chi2": n·log(RSS(s0)/RSS_min) ≤ χ²₁ — the large-sample likelihood-ratio rule. With 6 fitted
+    parameters on 8-13 points it undercovers (σ² = RSS/n is biased low by (n−6)/n), so the default
+    "f" uses the small-sample profile rule of nonlinear regression:
+    (RSS(s0) − RSS_min) / (RSS_min/(n − 6)) ≤ F(1, n − 6).
+    """
+    base = rss_min + n * floor
+    df = n - (N_PARAMS["piecewise"] - 1)
+    if method == "chi2":
+        thr = chi2.ppf(level, 1)
+
+        def excess(v: float) -> float:
+            return n * math.log((profile(v)[0] + n * floor) / base) - thr
+    elif method == "f":
+        thr = f_dist.ppf(level, 1, df) / df
+
+        def excess(v: float) -> float:
+            return (profile(v)[0] + n * floor - base) / base - thr
+    else:
+        raise MPTError(f"unknown ci method {method!r}", "use 'f' or 'chi2'")
+
+    pts = np.sort(np.append(grid, s0))
+    inside = np.array([excess(v) <= 0 for v in pts])
+    idx = np.flatnonzero(inside)
+    lo_i, hi_i = idx.min(), idx.max()
+    lo, hi = float(pts[lo_i]), float(pts[hi_i])
+    if lo_i > 0:  # the crossing lies between an outside and an inside grid value
+        lo = brentq(excess, pts[lo_i - 1], pts[lo_i], xtol=1e-5)
+    if hi_i < len(pts) - 1:
+        hi = brentq(excess, pts[hi_i], pts[hi_i + 1], xtol=1e-5)
+    return float(lo), float(hi)
+
+
+def _collapses(theta: np.ndarray, s0: float, s_max: float) -> bool:
+    """Past s0 the curve must rise, and faster than the power law's own log-slope at s0."""
+    log_a, alpha, log_b, beta, gamma = theta
+    a, b = math.exp(log_a), math.exp(log_b)
+    pre_slope = a * alpha * s0 ** (alpha - 1) / (a * s0 ** alpha + b) if s0 > 0 else 0.0
+    d = s_max - s0
+    post_rise = beta + gamma * d  # mean log-slope of the collapse branch over (s0, s_max]
+    return post_rise > 0 and post_rise > pre_slope
+
+
+def fit_ptp(x, y, *, axis: str = "sparsity", baseline_bits: float = 16.0, min_pre: int = 2,
+            min_post: int = 2, per_gap: int = 4, alpha_bounds: tuple[float, float] = (0.1, 5.0),
+            noise_floor: float = 5e-3, min_delta_bic: float = 2.0, level: float = 0.95,
+            ci: str = "f") -> PTPFit:
+    """Fit eq. 5 (continuous form) to a PPL-vs-compression curve and decide whether it has a PTP.
+
+    x: sparsity / compression ratio in [0, 1) (axis="sparsity") or bits per weight (axis="bits",
+    converted to s = 1 − bits/baseline_bits). y: perplexity (any positive metric that rises with
+    damage). Non-finite or non-positive points are dropped and counted in `n_dropped`.
+    `noise_floor` (log-space std) keeps a perfect fit of a few points from claiming infinite
+    evidence; `min_delta_bic` = 2 is the usual "positive evidence" margin on BIC.
+    """
+    s, ly, n_dropped = _clean(x, y, axis, baseline_bits)
+    n = int(s.size)
+    floor = noise_floor ** 2
+    nan_params = dict.fromkeys(("A", "alpha", "B", "s0", "beta", "gamma"), math.nan)
+    base = dict(n_points=n, n_dropped=n_dropped, axis=axis, baseline_bits=baseline_bits, s=s, y=np.exp(ly))
+    if n < 3:
+        return PTPFit(params=nan_params, s0=math.nan, s0_ci=(math.nan, math.nan), has_ptp=False,
+                      verdict=f"too few points (n={n}) to fit: no PTP claimed", rss=math.nan, r2=math.nan,
+                      aic={}, bic={}, **base)
+
+    fits: dict[str, tuple[np.ndarray, float]] = {"exp": _fit_exp(s, ly), "power": _fit_power(s, ly, alpha_bounds)}
+    simple = {"power": dict(zip(("A", "alpha", "B"), (math.exp(fits["power"][0][0]), fits["power"][0][1],
+                                                      math.exp(fits["power"][0][2])))),
+              "exp": dict(zip(("a", "beta", "gamma"), map(float, fits["exp"][0])))}
+    uniq = np.unique(s)
+    grid = _s0_grid(uniq, min_pre, min_post, per_gap)
+    s0, s0_ci, theta, flat = math.nan, (math.nan, math.nan), None, None
+    if grid.size and n > N_PARAMS["piecewise"] - 1:  # 6 parameters: with n ≤ 6 points eq. 5 interpolates
+        profile = _Profile(s, ly, alpha_bounds)
+        s0, flat = _best_s0(profile, grid, scale=n * floor)
+        rss_pw, theta = profile(s0)
+        fits["piecewise"] = (theta, rss_pw)
+        s0_ci = _ci(profile, grid, s0, rss_pw, n, floor, level, ci)
+
+    aic, bic = {}, {}
+    for name, (_, rss) in fits.items():
+        aic[name], bic[name] = _information(rss, n, N_PARAMS[name], floor)
+    best_simple = min(("power", "exp"), key=lambda m: bic[m])
+    tss = float(np.sum((ly - ly.mean()) ** 2))
+
+    if theta is None:
+        return PTPFit(params=nan_params, s0=math.nan, s0_ci=s0_ci, has_ptp=False,
+                      verdict=f"too few points (n={n}) for eq. 5, which needs ≥ 7 with ≥ {min_pre} before "
+                              f"and ≥ {min_post} after s0: no PTP claimed", rss=math.nan,
+                      r2=math.nan, aic=aic, bic=bic, model="none",
+                      rss_models={m: f[1] for m, f in fits.items()}, simple_params=simple,
+                      thetas={m: f[0] for m, f in fits.items()}, **base)
+
+    delta = bic[best_simple] - bic["piecewise"]
+    inside = float(s.min()) < s0 < float(s.max())
+    collapse = _collapses(theta, s0, float(s.max()))
+    has_ptp = bool(delta > min_delta_bic and inside and collapse)
+    params = {"A": math.exp(theta[0]), "alpha": float(theta[1]), "B": math.exp(theta[2]), "s0": s0,
+              "beta": float(theta[3]), "gamma": float(theta[4])}
+    verdict = _verdict(has_ptp, delta, min_delta_bic, best_simple, inside, collapse, s0, s0_ci, axis,
+                       baseline_bits)
+    if flat is not None:
+        verdict += f" [flat profile: s0 not identified within {flat[0]:.3f}–{flat[1]:.3f}]"
+    return PTPFit(params=params, s0=s0, s0_ci=s0_ci, has_ptp=has_ptp, verdict=verdict, rss=fits["piecewise"][1],
+                  r2=1.0 - fits["piecewise"][1] / tss if tss > 0 else math.nan, aic=aic, bic=bic,
+                  model="piecewise" if has_ptp else best_simple, delta_bic=float(delta), s0_flat=flat,
+                  rss_models={m: f[1] for m, f in fits.items()}, simple_params=simple,
+                      thetas={m: f[0] for m, f in fits.items()}, **base)
+
+
+def _verdict(has_ptp: bool, delta: float, margin: float, best_simple: str, inside: bool, collapse: bool,
+             s0: float, ci: tuple[float, float], axis: str, baseline_bits: float) -> str:
+    if has_ptp:
+        if axis == "bits":
+            b, (b_lo, b_hi) = ratio_to_bits(s0, baseline_bits), ratio_to_bits(np.array(ci), baseline_bits)
+            return (f"PTP at {b:.2f} bits (s0={s0:.3f}, 95% CI {b_hi:.2f}–{b_lo:.2f} bits); "
+                    f"ΔBIC={delta:.1f} vs {best_simple}")
+        return f"PTP at s0={s0:.3f} (95% CI {ci[0]:.3f}–{ci[1]:.3f}); ΔBIC={delta:.1f} vs {best_simple}"
+    if delta <= margin:
+        return f"no PTP in range: {best_simple} law preferred or tied on BIC (ΔBIC={delta:.1f} ≤ {margin:g})"
+    if not inside:
+        return "no PTP in range: best s0 sits at the edge of the data"
+    return "no PTP in range: the piecewise fit shows no collapse after s0"
+
+
+# ----------------------------------------------------------------------------------------------
+# many curves, compared with claims
+# ----------------------------------------------------------------------------------------------
+
+Curve = tuple[str, Sequence[float], Sequence[float]]
+
+
+def _claim_for(claims: pd.DataFrame, family: str, label: str) -> pd.Series | None:
+    """The claim row for a curve: an exact method match, a 'Method (...)' label, or the family's '*'."""
+    rows = claims[claims["family"] == family]
+    for _, row in rows.iterrows():
+        if row["method"] != "*" and (label == row["method"] or label.startswith(f"{row['method']} ")):
+            return row
+    star = rows[rows["method"] == "*"]
+    return star.iloc[0] if len(star) else None
+
+
+def fit_all(curves: Mapping[str, Iterable[Curve]], claims: pd.DataFrame | None = None,
+            **fit_kwargs) -> dict[str, dict[str, PTPFit]]:
+    """Fit every curve of every family; the axis comes from the family's claim (default sparsity)."""
+    out: dict[str, dict[str, PTPFit]] = {}
+    for family, items in curves.items():
+        out[family] = {}
+        for label, x, y in items:
+            claim = _claim_for(claims, family, label) if claims is not None else None
+            axis = str(claim["axis"]) if claim is not None else "sparsity"
+            out[family][label] = fit_ptp(x, y, axis=axis, **fit_kwargs)
+    return out
+
+
+def _claim_in_s(claim: pd.Series, baseline_bits: float) -> tuple[float, float]:
+    lo, hi = float(claim["lo"]), float(claim["hi"])
+    if claim["axis"] == "bits":
+        return float(bits_to_ratio(hi, baseline_bits)), float(bits_to_ratio(lo, baseline_bits))
+    return lo, hi
+
+
+def agreement(fit: PTPFit, claim: pd.Series | None, min_pre: int = 2, min_post: int = 2) -> str:
+    """Compare one fit with a claimed PTP range, saying why when the data cannot test it."""
+    if claim is None:
+        return "no claim"
+    if fit.verdict.startswith("too few points"):
+        return "untestable: too few points"
+    lo, hi = _claim_in_s(claim, fit.baseline_bits)
+    uniq = np.unique(fit.s)
+    reachable = (uniq[min_pre - 1], uniq[len(uniq) - min_post])  # where eq. 5 can place s0 at all
+    if hi < reachable[0] or lo >= reachable[1]:
+        return f"untestable: s0 needs ≥{min_pre} points before and ≥{min_post} after it; the claim leaves fewer"
+    if not fit.has_ptp:
+        return "disagrees: no PTP found"
+    where = fit.s0_flat or (fit.s0, fit.s0)  # a flat profile only locates s0 within a stretch
+    if lo <= where[0] and where[1] <= hi:
+        return "agrees"
+    if fit.s0_ci[0] <= hi and fit.s0_ci[1] >= lo:
+        return "consistent: CI overlaps claim"
+    return "disagrees: PTP " + ("later (more compression)" if fit.s0 > hi else "earlier (less compression)") \
+        + " than claimed"
+
+
+def _claim_text(claim: pd.Series | None) -> str:
+    if claim is None:
+        return ""
+    unit = " bits" if claim["axis"] == "bits" else ""
+    return f"{float(claim['lo']):g}–{float(claim['hi']):g}{unit}"
+
+
+def ptp_table(curves: Mapping[str, Iterable[Curve]], claims: pd.DataFrame,
+              fits: Mapping[str, Mapping[str, PTPFit]] | None = None, **fit_kwargs) -> pd.DataFrame:
+    """One row per curve: PTP (ratio and native axis), CI, verdict, the claim and the agreement."""
+    fits = fits if fits is not None else fit_all(curves, claims, **fit_kwargs)
+    rows = []
+    for family, by_label in fits.items():
+        for label, fit in by_label.items():
+            claim = _claim_for(claims, family, label)
+            native = fit.ptp_bits if fit.axis == "bits" else fit.s0
+            native_ci = fit.ptp_bits_ci if fit.axis == "bits" else fit.s0_ci
+            rows.append({"family": family, "curve": label, "axis": fit.axis, "n": fit.n_points,
+                         "dropped": fit.n_dropped, "s0": fit.s0, "s0_lo": fit.s0_ci[0], "s0_hi": fit.s0_ci[1],
+                         "ptp": native if fit.has_ptp else math.nan,
+                         "ptp_lo": native_ci[0] if fit.has_ptp else math.nan,
+                         "ptp_hi": native_ci[1] if fit.has_ptp else math.nan,
+                         "s0_flat": "" if fit.s0_flat is None else f"{fit.s0_flat[0]:.3f}–{fit.s0_flat[1]:.3f}",
+                         "has_ptp": fit.has_ptp, "delta_bic": fit.delta_bic, "verdict": fit.verdict,
+                         "claim": _claim_text(claim), "agreement": agreement(fit, claim)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,118 @@
+"""The seeds' published numbers (data/published/*.csv) as DataFrames and as curves to fit.
+
+Every CSV starts with `#` lines naming its source table; values are transcribed as printed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mpt_utils.errors import MPTError
+
+PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "data" / "published"
+Curve = tuple[str, np.ndarray, np.ndarray]
+
+
+def published_dir() -> Path:
+    """The folder of published CSVs; `MPT_PUBLISHED` overrides it (e.g. for an installed package)."""
+    return Path(os.environ.get("MPT_PUBLISHED", PUBLISHED_DIR))
+
+
+def available_tables() -> list[str]:
+    return sorted(p.stem for p in published_dir().glob("*.csv"))
+
+
+def _resolve(table: str) -> Path:
+    """'table2', 'table2_unstructured' and 'table2_unstructured.csv' all name the same file."""
+    name = Path(str(table)).name.removesuffix(".csv")
+    stems = available_tables()
+    matches = [s for s in stems if s == name] or [s for s in stems if s.startswith(f"{name}_")]
+    if len(matches) != 1:
+        raise MPTError(f"unknown published table {table!r}", f"choose one of: {', '.join(stems)}")
+    return published_dir() / f"{matches[0]}.csv"
+
+
+def load_published(table: str) -> pd.DataFrame:
+    """One published table as a tidy DataFrame (the header comments are skipped)."""
+    return pd.read_csv(_resolve(table), comment="#")
+
+
+def source_notes(table: str) -> list[str]:
+    """The CSV's header comment lines: where the numbers come from and how they were transcribed."""
+    lines = _resolve(table).read_text(encoding="utf-8").splitlines()
+    notes = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        notes.append(line.lstrip("# ").rstrip())
+    return notes
+
+
+def _select(df: pd.DataFrame, where: Mapping[str, Any] | None) -> pd.DataFrame:
+    for col, want in (where or {}).items():
+        if col not in df.columns:
+            raise MPTError(f"column {col!r} is not in this table", f"use one of: {', '.join(df.columns)}")
+        values = want if isinstance(want, (list, tuple, set)) else [want]
+        df = df[df[col].isin(values)]
+    return df
+
+
+def published_curves(table: str, *, metric: str = "wikitext2_ppl", x: str = "ratio", by: str = "method",
+                     where: Mapping[str, Any] | None = None, suffix: str = "",
+                     rename: Mapping[str, str] | None = None, min_points: int = 1) -> Iterator[Curve]:
+    """Yield (label, x, y) per group of `by` (in table order), for `metric` against column `x`.
+
+    NaN values stay in (the fit drops and counts them); groups with fewer than `min_points`
+    finite values are skipped. `where` filters rows, e.g. {"pattern": "unstructured"}; a label is
+    `rename.get(group, group) + suffix`.
+    """
+    df = load_published(table)
+    for col in (x, by, "metric", "value"):
+        if col not in df.columns:
+            raise MPTError(f"table {table!r} has no column {col!r}", f"use one of: {', '.join(df.columns)}")
+    df = _select(df[df["metric"] == metric], where)
+    if df.empty:
+        metrics = sorted(load_published(table)["metric"].unique())
+        raise MPTError(f"no rows for metric {metric!r} in {table!r}", f"metrics here: {', '.join(metrics)}")
+    for key in pd.unique(df[by]):
+        part = df[df[by] == key].sort_values(x, kind="stable")
+        xs, ys = part[x].to_numpy(dtype=float), part["value"].to_numpy(dtype=float)
+        if np.isfinite(ys).sum() >= min_points:
+            yield f"{(rename or {}).get(key, key)}{suffix}", xs, ys
+
+
+def published_families(min_points: int = 3) -> dict[str, list[Curve]]:
+    """The single-method curves behind the Perspective's PTP figures, grouped by family.
+
+    structured: Table 1; unstructured: Tables 2 and 3 (unstructured columns only, N:M excluded) plus
+    the single-method FP16 columns of Tables 9 (SparseGPT) and 10 (Wanda); low-rank: Table 7 on
+    WikiText-2 and PTB; quantization (bit axis, nominal bits of each GGUF scheme): Tables 4-6.
+    """
+    unstructured = {"pattern": "unstructured"}
+    fams: dict[str, list[Curve]] = {
+        "structured": list(published_curves("table1", min_points=min_points)),
+        "unstructured": [
+            *published_curves("table2", where=unstructured, min_points=min_points),
+            *published_curves("table3", where=unstructured, suffix=" (PTB calib)", min_points=min_points),
+            *published_curves("table9", where={"quant": "FP16"}, rename={"SparseGPT+GPTQ": "SparseGPT"},
+                              suffix=" (T9, FP16)", min_points=min_points),
+            *published_curves("table10", where={"scheme": "FP16"}, rename={"Wanda+GGUF": "Wanda"},
+                              suffix=" (T10, FP16)", min_points=min_points),
+        ],
+        "lowrank": [
+            *published_curves("table7", min_points=min_points),
+            *published_curves("table7", metric="ptb_ppl", suffix=" (PTB eval)", min_points=min_points),
+        ],
+        "quantization": [
+            *published_curves("table4", x="bits", suffix=" (T4)", min_points=min_points),
+            *published_curves("table5", x="bits", by="model", min_points=min_points),
+            *published_curves("table6", x="bits", by="model", min_points=min_points),
+        ],
+    }
+    return fams

@@ -1,0 +1,127 @@
+"""The published tables load, cite their source, and hold the numbers printed in the seeds."""
+
+import math
+
+import numpy as np
+import pytest
+
+from mpt_utils.errors import MPTError
+from mpt_utils.published import (
+    available_tables,
+    load_published,
+    published_curves,
+    published_dir,
+    published_families,
+    source_notes,
+)
+
+TABLES = {
+    "table1_structured": ["model", "method", "ratio", "pattern", "metric", "value"],
+    "table2_unstructured": ["model", "method", "calibration", "ratio", "pattern", "metric", "value"],
+    "table3_unstructured_ptb_calib": ["model", "method", "calibration", "ratio", "pattern", "metric", "value"],
+    "table4_quant_methods": ["model", "method", "bits", "ratio", "metric", "value"],
+    "table5_qwen_gguf": ["model", "scheme", "bits", "ratio", "metric", "value", "stderr"],
+    "table6_llama_gemma_gguf": ["model", "scheme", "bits", "ratio", "metric", "value", "stderr"],
+    "table7_lowrank": ["model", "method", "ratio", "metric", "value"],
+    "table8_asvd_rtn": ["model", "method", "quant", "bits", "ratio", "metric", "value"],
+    "table9_sparsegpt_gptq": ["model", "method", "quant", "bits", "ratio", "budget_pct", "metric", "value"],
+    "table10_wanda_gguf": ["model", "method", "scheme", "bits", "ratio", "size_pct", "metric", "value"],
+    "perspective_table3": ["group", "model", "config", "metric", "value", "line"],
+    "perspective_ptp_claims": ["family", "method", "axis", "lo", "hi", "point", "line"],
+}
+
+
+def value(table, **match):
+    df = load_published(table)
+    for col, want in match.items():
+        df = df[np.isclose(df[col], want)] if isinstance(want, float) else df[df[col] == want]
+    assert len(df) == 1, (table, match, len(df))
+    return df.iloc[0]
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_every_table_loads_with_its_columns_and_a_source(table):
+    df = load_published(table)
+    assert len(df) > 0 and set(TABLES[table]) <= set(df.columns)
+    notes = source_notes(table)
+    assert notes and notes[0].startswith("Source:")
+    assert any(seed in " ".join(notes) for seed in ("001_56fc7433e6efc768.txt", "000_a9d61e4e71550b4e.txt"))
+
+
+def test_the_folder_holds_exactly_the_listed_tables():
+    assert set(available_tables()) == set(TABLES)
+    assert (published_dir() / "table2_unstructured.csv").exists()
+
+
+@pytest.mark.parametrize("table, match, expected", [
+    ("table1", dict(method="slicegpt", ratio=0.8), 34.9808),
+    ("table1", dict(method="LLM_Pruner w/o", ratio=0.5), 316.6549),
+    ("table2", dict(method="SparseGPT", ratio=0.5, pattern="unstructured"), 6.0882),
+    ("table2", dict(method="ADMM", ratio=0.5, pattern="2:4"), 7.5892),
+    ("table2", dict(method="Wanda", ratio=0.5, pattern="4:8"), 7.6748),
+    ("table2", dict(method="BESA-layer", ratio=0.7), 9.0709),
+    ("table3", dict(method="Wanda", ratio=0.8, pattern="unstructured"), 12142.1484),
+    ("table4", dict(method="GPTQ", bits=2), 1784.1625),
+    ("table5", dict(model="Qwen2.5-72B", scheme="IQ1_M", metric="wikitext2_ppl"), 7.25),
+    ("table5", dict(model="Qwen2.5-14B", scheme="Q4_K_M", metric="mmlu"), 0.79),
+    ("table6", dict(model="Gemma-3-1B-IT", scheme="Q2_K", metric="wikitext2_ppl"), 30.69),
+    ("table6", dict(model="LLaMA-2-13B", scheme="Q8_K_0", metric="param_gb"), 13.80),
+    ("table7", dict(method="ASVD", ratio=0.27, metric="wikitext2_ppl"), 259.05),
+    ("table7", dict(method="SVD-LLM", ratio=0.6, metric="wikitext2_ppl"), 108.13),
+    ("table8", dict(quant="RTN_INT6", ratio=0.17, metric="ptb_ppl"), 132.180),
+    ("table9", dict(quant="3-bit", ratio=0.8), 109.4458),
+    ("table10", dict(scheme="Q2_K", ratio=0.7), 86.6058),
+])
+def test_spot_values_match_the_seed(table, match, expected):
+    assert value(table, **match)["value"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_transcription_rules():
+    t2 = load_published("table2")
+    magnitude = t2[(t2.method == "Magnitude") & np.isclose(t2.ratio, 0.8)]
+    assert len(magnitude) == 1 and math.isnan(magnitude.iloc[0]["value"])  # printed "nan" stays nan
+    assert t2[t2.method == "Wanda_owl"].shape[0] == 9  # its 4:8 cell is "-": omitted
+    assert set(t2.loc[t2.pattern != "unstructured", "ratio"]) == {0.5}
+    assert value("table5", model="Qwen2.5-0.5B", scheme="Q2_K", metric="wikitext2_ppl")["stderr"] == 0.11
+    assert value("table9", quant="4-bit", ratio=0.6)["budget_pct"] == 11.6
+    assert value("table10", scheme="Q3_K_M", ratio=0.5)["size_pct"] == 11.4
+    assert value("table4", method="GGUF", bits=3)["ratio"] == 1 - 3 / 16
+
+
+def test_perspective_table3_quotes():
+    ppl = load_published("perspective_table3")
+    ptp = ppl[(ppl.model == "LLaMA2-7B-chat-PTP")]
+    assert set(ptp[ptp.metric == "wikitext2_ppl"]["value"]) == {6.91, 6.92}
+    assert ptp[ptp.metric == "size_gb"]["value"].item() == 1.89
+    assert value("perspective_table3", model="LLaMA-3.2-1B-Instruct", metric="bertscore")["value"] == 73.21
+    assert value("perspective_table3", model="LLaMA-3.1-8B", metric="arc_c")["value"] == 72.0
+
+
+def test_unknown_table_lists_the_available_ones():
+    with pytest.raises(MPTError, match="table2_unstructured"):
+        load_published("table11")
+    with pytest.raises(MPTError, match="unknown published table"):
+        load_published("table")  # a prefix of every table is ambiguous
+
+
+def test_published_curves():
+    curves = {label: (x, y) for label, x, y in published_curves("table2", where={"pattern": "unstructured"})}
+    x, y = curves["SparseGPT"]
+    assert np.allclose(x, np.arange(1, 9) / 10) and y[4] == 6.0882
+    assert np.isnan(curves["Magnitude"][1]).sum() == 1
+    labels = [label for label, *_ in published_curves("table2", where={"pattern": "unstructured"}, min_points=3)]
+    assert "BESA-row" not in labels and "Wanda" in labels
+    bits = dict((label, x) for label, x, _ in published_curves("table5", x="bits", by="model"))
+    assert list(bits["Qwen2.5-0.5B"]) == [2, 3, 4, 5, 6, 8, 16]
+    with pytest.raises(MPTError, match="metrics here"):
+        list(published_curves("table1", metric="ptb_ppl"))
+
+
+def test_published_families_cover_the_papers_figures():
+    fams = published_families()
+    assert set(fams) == {"structured", "unstructured", "lowrank", "quantization"}
+    assert len(fams["structured"]) == 6
+    labels = {label for label, *_ in fams["lowrank"]}
+    assert labels == {"ASVD", "SVD-LLM", "ASVD (PTB eval)"}
+    assert {"SparseGPT (T9, FP16)", "Wanda (T10, FP16)"} <= {label for label, *_ in fams["unstructured"]}
+    assert all(np.isfinite(y).sum() >= 3 for curves in fams.values() for _, _, y in curves)
