@@ -177,6 +177,10 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     if path.is_dir():
         if not (path / "config.json").exists():
             raise MPTError(f"{path} is a directory without config.json", "pass a saved HF model directory")
+        if '"mpt_structure"' in (path / "config.json").read_text(encoding="utf-8"):
+            from mpt_utils.prune.structured.surgery import load_pruned  # per-layer shapes beyond HF config
+
+            return load_pruned(path, dev, torch_dtype)
         return _from_pretrained(str(path), path.name, "local", dev, torch_dtype, local_only=True)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise MPTError(

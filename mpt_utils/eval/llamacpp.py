@@ -1,0 +1,86 @@
+"""Perplexity and throughput of a GGUF with llama.cpp (llama-cpp-python) on the torch evaluator's windows.
+
+Exactly the protocol of `mpt_utils.eval.perplexity`: the same non-overlapping windows from
+`window_ids`, each evaluated from an empty KV cache with no BOS added, the NLL of tokens 1..n-1
+given their prefix summed by the same `nll_from_logits`, tokens/s = windows x seqlen / loop time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mpt_utils.errors import MPTError
+from mpt_utils.eval.perplexity import PerplexityResult, nll_from_logits, window_ids
+
+KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids for the KV cache
+
+
+def open_gguf(path: str | os.PathLike, seqlen: int, n_threads: int | None = None, kv_type: str = "f16",
+              n_gpu_layers: int = 0):
+    """A llama_cpp.Llama that keeps the logits of every position of a `seqlen`-token window.
+    `n_gpu_layers=-1` offloads every layer when llama-cpp-python was built with CUDA/Metal."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise MPTError("llama.cpp evaluation needs llama-cpp-python", "pip install llama-cpp-python") from None
+    from mpt_utils.quant.gguf.fileinfo import read_gguf
+
+    read_gguf(path)  # a clear error for missing/corrupt files before llama.cpp prints its own
+    if kv_type not in KV_TYPES:
+        raise MPTError(f"unknown KV cache type {kv_type!r}", f"use one of {sorted(KV_TYPES)}")
+    threads = n_threads or os.cpu_count() or 1
+    try:
+        return Llama(model_path=str(path), n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen, logits_all=True,
+                     n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers, verbose=False,
+                     type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
+    except ValueError as err:  # llama-cpp-python raises ValueError when llama.cpp cannot load the model
+        raise MPTError(f"llama.cpp could not load {path}: {err}",
+                       "check the GGUF's architecture and tokenizer metadata") from None
+
+
+def llamacpp_perplexity(path: str | os.PathLike, ids: torch.Tensor, seqlen: int = 2048,
+                        max_windows: int | None = None, n_threads: int | None = None, kv_type: str = "f16",
+                        progress: bool = True, desc: str = "llama.cpp ppl", n_gpu_layers: int = 0
+                        ) -> PerplexityResult:
+    """Perplexity of the GGUF at `path` on 1-D token ids `ids` (same windows and NLL as torch)."""
+    windows = window_ids(ids, seqlen, max_windows)
+    llm = open_gguf(path, seqlen, n_threads, kv_type, n_gpu_layers)
+    vocab = llm.n_vocab()
+    if int(windows.max()) >= vocab:
+        raise MPTError(f"token id {int(windows.max())} is outside the GGUF's vocabulary of {vocab}",
+                       "evaluate with the tokenizer of the exported model")
+    total = 0.0
+    start = time.perf_counter()
+    try:
+        for window in tqdm(windows, desc=desc, disable=not progress, leave=False):
+            llm.reset()  # empty KV cache: each window stands alone, as in the torch evaluator
+            llm.eval(window.tolist())
+            logits = torch.from_numpy(np.asarray(llm.scores[:seqlen], dtype=np.float32))
+            total += float(nll_from_logits(logits.unsqueeze(0), window.unsqueeze(0)).sum())
+        seconds = time.perf_counter() - start
+    finally:
+        llm.close() if hasattr(llm, "close") else None
+    n_scored = windows.size(0) * (seqlen - 1)
+    nll = total / n_scored
+    ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
+    return PerplexityResult(ppl=ppl, nll=nll if math.isfinite(nll) else math.inf, n_tokens=n_scored,
+                            n_windows=windows.size(0), seqlen=seqlen, seconds=seconds,
+                            tokens_per_s=windows.numel() / seconds if seconds > 0 else math.inf)
+
+
+def llamacpp_logits(path: str | os.PathLike, window: torch.Tensor, n_threads: int | None = None,
+                    kv_type: str = "f32") -> torch.Tensor:
+    """[seqlen, vocab] logits of one window (for exactness checks against torch)."""
+    llm = open_gguf(path, window.numel(), n_threads, kv_type)
+    try:
+        llm.reset()
+        llm.eval(window.tolist())
+        return torch.from_numpy(np.array(llm.scores[: window.numel()], dtype=np.float32))
+    finally:
+        llm.close() if hasattr(llm, "close") else None

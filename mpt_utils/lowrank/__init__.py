@@ -1,0 +1,55 @@
+"""Low-rank decomposition: each decoder linear becomes two smaller linears (parameters and FLOPs
+really shrink). Methods, by registry name:
+
+- `svd`: plain truncated SVD of the weight (no data).
+- `asvd`: activation-aware scaling + sensitivity-based rank allocation (ASVD).
+- `svd_llm`: truncation-aware whitening by the Cholesky factor of XᵀX, optional sequential update.
+
+Every method has one entry point with the shared signature
+`plan = LOWRANK.get(name)(model, calib_ids=None, *, stats=None, device=None, layer_filter=None,
+progress=True, **options)`, which does the ratio-independent work once; then
+`plan.apply(model, ratio)` (in place, returns a `LowRankReport`) or `with plan.swapped(model, ratio)`.
+`ratio` is the parameter reduction of the decomposed linears (Table 7's axis).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mpt_utils.lowrank.asvd import plan_asvd
+from mpt_utils.lowrank.factorized import (
+    Factorization,
+    LowRankLinear,
+    LowRankPlan,
+    LowRankReport,
+    breakeven_rank,
+)
+from mpt_utils.lowrank.ranks import check_lowrank_ratio, rank_for_ratio
+from mpt_utils.lowrank.svd import plan_svd
+from mpt_utils.lowrank.svd_llm import plan_svd_llm
+from mpt_utils.registry import Registry
+
+LOWRANK: Registry = Registry("low-rank method")
+LOWRANK.register("svd")(plan_svd)
+LOWRANK.register("asvd")(plan_asvd)
+LOWRANK.register("svd_llm")(plan_svd_llm)
+
+# Mode I (weight-dominant) vs Mode II (activation-centric), as the Perspective groups them.
+MODES = {"svd": "I", "asvd": "I", "svd_llm": "II"}
+
+
+def prepare(model: nn.Module, method: str, calib_ids: torch.Tensor | None = None, **options) -> LowRankPlan:
+    """The ratio-independent part of `method` (SVDs, ASVD's sensitivity search), reusable for a sweep."""
+    return LOWRANK.get(method)(model, calib_ids, **options)
+
+
+def decompose(model: nn.Module, method: str, ratio: float, calib_ids: torch.Tensor | None = None,
+              **options) -> LowRankReport:
+    """Decompose `model` in place at parameter reduction `ratio` with `method`; returns the measured report."""
+    ratio = check_lowrank_ratio(ratio)
+    return prepare(model, method, calib_ids, **options).apply(model, ratio)
+
+
+__all__ = ["LOWRANK", "MODES", "Factorization", "LowRankLinear", "LowRankPlan", "LowRankReport",
+           "breakeven_rank", "check_lowrank_ratio", "decompose", "prepare", "rank_for_ratio"]

@@ -1,0 +1,210 @@
+"""Table 7 sweeps: PPL of each low-rank method over a grid of parameter reductions, resumable.
+
+One point = (method, ratio, corpus), stored as soon as it is finished. The expensive pieces are
+computed lazily and at most once per run: the model, the calibration statistics (shared by ASVD and
+SVD-LLM), each method's plan (its SVDs), and ASVD's sensitivity table (also stored, so a rerun
+skips the search). Ratio 0 is the dense model, one point per corpus shared by every method.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from mpt_utils.errors import MPTError
+from mpt_utils.store import ResultsStore
+
+FAMILY = "lowrank"
+
+
+@dataclass
+class SweepSpec:
+    """One curve: a registered method, its options, the ratios, and the corpora to score."""
+
+    method: str
+    ratios: Sequence[float]
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+    datasets: Sequence[str] | None = None  # None: the sweep's eval_data only
+    extra_ratios: Sequence[float] = ()  # ratios also scored on the sweep's extra datasets
+
+    @property
+    def name(self) -> str:
+        if self.label:
+            return self.label
+        return f"{self.method}_seq" if self.options.get("sequential") else self.method
+
+
+class LowRankSweep:
+    """Lazy state for one model + calibration setting; `run(specs)` returns the tidy rows."""
+
+    def __init__(self, model: str, store: ResultsStore, *, eval_data: str, calib_data: str, seqlen: int,
+                 n_calib: int, max_eval_windows: int | None, seed: int = 0, device: str | None = None,
+                 extra_eval_data: Sequence[str] = (), progress: bool = True, loaded=None):
+        self.model_name, self.store = model, store
+        self.eval_data, self.extra_eval_data = eval_data, [d for d in extra_eval_data if d]
+        self.calib_data, self.seqlen, self.n_calib = calib_data, seqlen, n_calib
+        self.max_eval_windows, self.seed, self.device, self.progress = max_eval_windows, seed, device, progress
+        self._loaded, self._calib, self._stats, self._plans = loaded, None, None, {}
+
+    # -- lazy pieces ------------------------------------------------------------------------------
+    @property
+    def loaded(self):
+        if self._loaded is None:
+            from mpt_utils.models import load_model
+
+            self._loaded = load_model(self.model_name, device=self.device)
+        return self._loaded
+
+    @property
+    def calib(self):
+        if self._calib is None:
+            from mpt_utils.data import calibration_windows
+
+            self._calib = calibration_windows(self.loaded.tokenizer, self.calib_data, self.n_calib,
+                                              self.seqlen, self.seed)
+        return self._calib
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            from mpt_utils.calibration import collect_stats
+
+            self._stats = collect_stats(self.loaded.model, self.calib, device=self.device, progress=self.progress)
+        return self._stats
+
+    def base_config(self) -> dict[str, Any]:
+        return {"model": self.model_name, "family": FAMILY, "bits": None, "seed": self.seed,
+                "seqlen": self.seqlen, "n_calib": self.n_calib, "calib_data": self.calib_data,
+                "max_windows": self.max_eval_windows, "device": self.device}
+
+    def sensitivity_table(self, spec: SweepSpec) -> dict[str, dict[float, float]]:
+        """ASVD's per-group calibration PPLs, from the store when an earlier run measured them."""
+        from mpt_utils.lowrank.asvd import plan_asvd
+
+        opts = {k: spec.options[k] for k in ("alpha", "candidates", "granularity", "sens_windows", "sens_seqlen")
+                if k in spec.options}
+        cfg = {**self.base_config(), "method": "asvd_sensitivity", "ratio": None, "options": opts}
+
+        def compute():
+            plan = plan_asvd(self.loaded.model, self.calib, stats=self.stats, device=self.device,
+                             progress=self.progress, **opts)
+            self._plans[spec.name] = plan
+            base = plan.info["sensitivity_base_ppl"]
+            rows = [{"metric": "calib_ppl", "group": g, "reduction": c, "value": ppl}
+                    for g, row in plan.info["sensitivity"].items() for c, ppl in row.items()]
+            return rows + [{"metric": "calib_ppl_dense", "value": base}]
+
+        rows = self.store.get_or_compute(cfg, compute)
+        table: dict[str, dict[float, float]] = {}
+        for r in rows:
+            if r["metric"] == "calib_ppl":
+                table.setdefault(r["group"], {})[float(r["reduction"])] = float(r["value"])
+        return table
+
+    def plan(self, spec: SweepSpec):
+        if spec.name not in self._plans:
+            from mpt_utils.lowrank import prepare
+
+            opts = dict(spec.options)
+            if spec.method == "asvd":
+                opts["sensitivity_table"] = self.sensitivity_table(spec)
+            if spec.name not in self._plans:  # the sensitivity compute may have built it already
+                stats = None if spec.method == "svd" or opts.get("sequential") else self.stats
+                self._plans[spec.name] = prepare(self.loaded.model, spec.method, self.calib, stats=stats,
+                                                 device=self.device, progress=self.progress, **opts)
+        return self._plans[spec.name]
+
+    # -- points -----------------------------------------------------------------------------------
+    def _ppl_rows(self, data: str) -> list[dict]:
+        from mpt_utils.eval.perplexity import perplexity_rows
+
+        return perplexity_rows(self.loaded.model, self.loaded.tokenizer, [data], self.seqlen,
+                               self.max_eval_windows, device=self.device, progress=self.progress)
+
+    def dense_point(self, data: str) -> list[dict]:
+        cfg = {**self.base_config(), "method": "dense", "ratio": 0.0, "data": data}
+
+        def compute():
+            from mpt_utils.lowrank.factorized import count_params
+
+            n = float(count_params(self.loaded.model))
+            size = [{"metric": m, "value": v} for m, v in
+                    (("param_reduction", 0.0), ("model_param_reduction", 0.0), ("flops_reduction", 0.0),
+                     ("n_params", n))]
+            return [{**r, "data": data} for r in self._ppl_rows(data) + size]
+
+        return self.store.get_or_compute(cfg, compute)
+
+    def point(self, spec: SweepSpec, ratio: float, data: str) -> list[dict]:
+        from mpt_utils.lowrank import MODES, check_lowrank_ratio
+
+        ratio = check_lowrank_ratio(ratio)
+        if ratio == 0:
+            return self.dense_point(data)
+        cfg = {**self.base_config(), "method": spec.name, "ratio": ratio, "data": data,
+               "registry_method": spec.method, "options": dict(spec.options)}
+
+        def compute():
+            model = self.loaded.model
+            with self.plan(spec).swapped(model, ratio) as report:
+                rows = self._ppl_rows(data)
+                n_params = sum(p.numel() for p in model.parameters())
+                if n_params != report.n_params_after:
+                    raise MPTError(f"{spec.name}: counted {n_params} parameters, report says "
+                                   f"{report.n_params_after}", "report this bug")
+            extra = {"mode": MODES.get(spec.method, ""), "requested_ratio": ratio, "data": data}
+            summary = [{"metric": k, "value": v} for k, v in report.summary().items()]
+            return [{**r, **extra} for r in rows + summary + report.layer_rows()]
+
+        return self.store.get_or_compute(cfg, compute)
+
+    def run(self, specs: Sequence[SweepSpec]) -> pd.DataFrame:
+        """Every point of every spec (finished points come from the store). Only the last spec's plan
+        stays in memory afterwards (for `speed`)."""
+        rows = []
+        for k, spec in enumerate(specs):
+            if k:  # one method's factors at a time (a 7B model's are as large as the model itself)
+                self._plans.pop(specs[k - 1].name, None)
+            for ratio in spec.ratios:
+                datasets = list(spec.datasets or [self.eval_data])
+                if ratio in spec.extra_ratios:
+                    datasets += [d for d in self.extra_eval_data if d not in datasets]
+                for data in datasets:
+                    for r in self.point(spec, ratio, data):
+                        rows.append({**r, "curve": spec.name})
+        return pd.DataFrame(rows)
+
+    # -- speed --------------------------------------------------------------------------------------
+    def speed(self, points: Sequence[tuple[SweepSpec, float]], *, seqlen: int = 256, batch_size: int = 1,
+              rounds: int = 5, mode: str = "prefill") -> pd.DataFrame:
+        """Tokens/s of the dense model and each (method, ratio) model, side by side in one run
+        (`eval.speed.measure_speed`, interleaved rounds), stored as one point."""
+        labels = [f"{s.name}@{r:g}" for s, r in points]
+        cfg = {**self.base_config(), "method": "speed", "ratio": None, "points": labels,
+               "speed_seqlen": seqlen, "batch_size": batch_size, "rounds": rounds, "mode": mode,
+               "options": {s.name: dict(s.options) for s, _ in points}}
+
+        def compute():
+            from mpt_utils.eval.speed import measure_speed
+
+            dense = self.loaded.model
+            models = {"dense": dense}
+            reductions = {"dense": 0.0}
+            for (spec, ratio), label in zip(points, labels):
+                twin = copy.deepcopy(dense)
+                report = self.plan(spec).apply(twin, ratio)
+                report.originals = {}  # the twin keeps only its factorized layers
+                models[label] = twin
+                reductions[label] = report.param_reduction
+            results = measure_speed(models, mode=mode, seqlen=seqlen, batch_size=batch_size, rounds=rounds,
+                                    device=self.device, reference="dense")
+            return [{"metric": "tokens_per_s", "value": r.tokens_per_s, "point": r.name, "speedup": r.speedup,
+                     "spread": r.spread, "n_params_point": r.n_params, "param_reduction": reductions[r.name],
+                     "speed_mode": r.mode, "speed_device": r.device} for r in results]
+
+        return pd.DataFrame(self.store.get_or_compute(cfg, compute))

@@ -1,0 +1,219 @@
+"""Sparsity sweeps: many (method, sparsity) points on one model, each point stored as it finishes.
+
+What does not depend on the ratio is computed once per session and reused by every point: the
+tokenized calibration windows, the dense model's per-layer statistics (`collect_stats`, mode
+"dense") and each layer's inverse-Hessian factors (the per-layer `cache`). Mode "sequential" runs
+the layer-by-layer engine for every point instead (inputs of block i come from the pruned blocks
+before it: the published protocol), reusing only the calibration windows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from mpt_utils.errors import MPTError
+from mpt_utils.prune.masks import parse_pattern, pattern_name, resolve_sparsity
+from mpt_utils.store import ResultsStore
+
+FAMILY = "unstructured"
+MODES = ("dense", "sequential")
+# our method labels -> the names in the paper's Tables 2/3 (data/published/table2_unstructured.csv)
+PAPER_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA",
+               "admm": "ADMM", "owl:wanda": "Wanda_owl", "owl:sparsegpt": "SparseGPT_owl",
+               "dsnot:wanda": "w.DSnoT", "dsnot:sparsegpt": "s.DSnoT"}
+
+
+def parse_method(label: str) -> tuple[str, dict[str, Any]]:
+    """'owl:sparsegpt' -> ('owl', {'base': 'sparsegpt'}); 'wanda' -> ('wanda', {})."""
+    name, _, base = label.partition(":")
+    return name, ({"base": base} if base else {})
+
+
+def method_label(name: str, opts: dict[str, Any]) -> str:
+    if name in ("owl", "dsnot"):
+        return f"{name}:{opts.get('base', 'wanda')}"
+    return name
+
+
+def sweep_points(sparsities: Iterable[float] = (), patterns: Iterable[str] = ()) -> list[tuple[float, str | None]]:
+    """(sparsity, pattern) pairs: the unstructured ratios, then each N:M pattern at N/M."""
+    points: list[tuple[float, str | None]] = [(resolve_sparsity(s, None), None) for s in sparsities]
+    for p in patterns:
+        nm = parse_pattern(p)
+        points.append((resolve_sparsity(None, nm), pattern_name(nm)))
+    return points
+
+
+class _Shared:
+    def __init__(self, loaded=None):
+        self.loaded = loaded
+        self.dense: dict[str, torch.Tensor] | None = None
+
+
+class PruneSession:
+    """One model, one calibration set, one evaluation protocol; points are computed on demand and
+    resumed from the store. The model is loaded only when a point is missing from the store."""
+
+    def __init__(self, model: str, store: ResultsStore, *, calib_data: str, n_calib: int, seqlen: int,
+                 eval_data: Sequence[str], max_eval_windows: int | None = None, seed: int = 0,
+                 device: str | None = None, mode: str = "dense", calib_seqlen: int | None = None,
+                 loaded=None, progress: bool = False):
+        if mode not in MODES:
+            raise MPTError(f"unknown sweep mode {mode!r}", f"use one of {MODES}")
+        self.model, self.store, self.calib_data, self.n_calib = model, store, calib_data, int(n_calib)
+        self.seqlen, self.calib_seqlen = int(seqlen), int(calib_seqlen or seqlen)
+        self.eval_data, self.max_eval_windows, self.seed = list(eval_data), max_eval_windows, int(seed)
+        self.device, self.mode, self.progress = device, mode, progress
+        self._shared = _Shared(loaded)  # the model and its dense weights, shared with derived sessions
+        self._calib: torch.Tensor | None = None
+        self._stats = None
+        self._cache: dict[str, dict] = {}
+        self.stats_seconds = math.nan
+
+    # -- lazily built, ratio-independent state -------------------------------------------------
+    def derive(self, **changes: Any) -> PruneSession:
+        """A session with other settings (e.g. calib_data, mode) on the same loaded model."""
+        keys = ("calib_data", "n_calib", "seqlen", "eval_data", "max_eval_windows", "seed", "device", "mode",
+                "calib_seqlen", "progress")
+        store = changes.pop("store", self.store)
+        args = {k: getattr(self, k) for k in keys} | changes
+        other = PruneSession(self.model, store, **args)
+        other._shared = self._shared
+        return other
+
+    @property
+    def _loaded(self):
+        return self._shared.loaded
+
+    @property
+    def loaded(self):
+        if self._shared.loaded is None:
+            from mpt_utils.models import load_model
+
+            self._shared.loaded = load_model(self.model, device=self.device)
+        return self._shared.loaded
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        if self._shared.dense is None:  # the dense weights every point starts from (only block linears change)
+            from mpt_utils.prune.measure import block_linears
+
+            self._shared.dense = {f"{i}.{n}": lin.weight.detach().to("cpu", copy=True)
+                                  for i, linears in enumerate(block_linears(self.loaded.model))
+                                  for n, lin in linears.items()}
+        return self._shared.dense
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the dense weights back into the model."""
+        from mpt_utils.prune.measure import block_linears
+
+        dense = self._snapshot()
+        for i, linears in enumerate(block_linears(self.loaded.model)):
+            for n, lin in linears.items():
+                lin.weight.copy_(dense[f"{i}.{n}"])
+
+    @property
+    def calib_ids(self) -> torch.Tensor:
+        if self._calib is None:
+            from mpt_utils.data import calibration_windows
+
+            self._calib = calibration_windows(self.loaded.tokenizer, self.calib_data, self.n_calib,
+                                              self.calib_seqlen, self.seed)
+        return self._calib
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            from mpt_utils.calibration import collect_stats
+
+            self._snapshot()
+            self.restore()
+            start = time.perf_counter()
+            self._stats = collect_stats(self.loaded.model, self.calib_ids, device=self.device,
+                                        progress=self.progress)
+            self.stats_seconds = time.perf_counter() - start
+        return self._stats
+
+    def close(self) -> None:
+        """Free the statistics and caches (the model stays loaded and is restored to dense)."""
+        if self._shared.loaded is not None and self._shared.dense is not None:
+            self.restore()
+        self._stats, self._cache = None, {}
+
+    # -- points --------------------------------------------------------------------------------
+    def config(self, method: str, sparsity: float, pattern: str | None, opts: dict[str, Any]) -> dict[str, Any]:
+        from mpt_utils.prune import get_method
+
+        name, base_opts = parse_method(method)
+        opts = {**base_opts, **opts}
+        data_free = not get_method(name).needs_stats
+        return {"model": self.model, "method": method_label(name, opts), "family": FAMILY,
+                "ratio": float(sparsity), "bits": None, "pattern": pattern or "unstructured", "seed": self.seed,
+                "calib_data": None if data_free else self.calib_data,
+                "n_calib": None if data_free else self.n_calib,
+                "calib_seqlen": None if data_free else self.calib_seqlen,
+                "mode": "data-free" if data_free else self.mode, "opts": opts,
+                "eval_data": self.eval_data, "seqlen": self.seqlen, "max_eval_windows": self.max_eval_windows,
+                "device": self.device}
+
+    def point(self, method: str, sparsity: float | None = None, pattern: str | None = None,
+              **opts: Any) -> list[dict[str, Any]]:
+        """Rows of one point (PPL per eval set, achieved sparsity, timings), computed if not stored."""
+        nm = parse_pattern(pattern)
+        target = resolve_sparsity(sparsity, nm)
+        pattern = None if nm is None else pattern_name(nm)
+        cfg = self.config(method, target, pattern, opts)
+        return self.store.get_or_compute(cfg, lambda: self._compute(cfg))
+
+    def _compute(self, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+        from mpt_utils.eval.perplexity import perplexity_rows
+        from mpt_utils.prune import get_method, prune_model
+
+        name, _ = parse_method(cfg["method"])
+        spec = get_method(name)
+        self._snapshot()
+        self.restore()
+        kwargs: dict[str, Any] = dict(cfg["opts"])
+        if spec.needs_stats and self.mode == "dense":
+            kwargs.update(stats=self.stats, cache=self._cache)
+        elif spec.needs_stats:
+            kwargs.update(calib_ids=self.calib_ids, sequential=True, device=self.device)
+        pattern = None if cfg["pattern"] == "unstructured" else cfg["pattern"]
+        report = prune_model(self.loaded.model, name, None if pattern else cfg["ratio"], pattern=pattern,
+                             progress=self.progress, **kwargs)
+        if pattern is not None and not report.nm_ok:
+            raise MPTError(f"{cfg['method']} broke the {pattern} pattern", "this is a bug: please report it")
+        ppl = perplexity_rows(self.loaded.model, self.loaded.tokenizer, self.eval_data, self.seqlen,
+                              self.max_eval_windows, device=self.device, progress=self.progress)
+        self.restore()
+        common = {"pattern": cfg["pattern"], "calib_data": cfg["calib_data"], "mode": cfg["mode"],
+                  "sparsity": report.achieved, "sparsity_all_params": report.sparsity_all_params,
+                  "nm_ok": report.nm_ok, "prune_mode": report.mode, "prune_seconds": report.seconds,
+                  "stats_seconds": self.stats_seconds if report.mode == "dense-stats" else None,
+                  "block_targets": report.block_targets}
+        rows = [{**r, **common} for r in ppl]
+        rows.append({"metric": "sparsity", "value": report.achieved, "data": None, **common})
+        rows.append({"metric": "prune_seconds", "value": report.seconds, "data": None, **common})
+        return rows
+
+    def sweep(self, methods: Iterable[str], sparsities: Iterable[float] = (), patterns: Iterable[str] = (),
+              skip_unsupported: bool = True, **opts: Any) -> pd.DataFrame:
+        """Every method at every point; N:M points of methods without N:M support are skipped."""
+        from mpt_utils.prune import get_method
+
+        points = sweep_points(sparsities, patterns)
+        rows: list[dict[str, Any]] = []
+        for method in methods:
+            supports_nm = get_method(parse_method(method)[0]).supports_nm
+            for s, p in points:
+                if p is not None and not supports_nm and skip_unsupported:
+                    continue
+                rows.extend(self.point(method, s if p is None else None, p, **opts))
+            self._cache = {}  # a method's factors are reused across its points, then freed
+        return pd.DataFrame(rows)

@@ -1,0 +1,72 @@
+"""Quantization family: simulated torch methods (RTN, GPTQ, AWQ, SmoothQuant) and real GGUF files.
+
+Every torch quantizer has one signature and quantizes the decoder-block linears in place:
+
+    fn(model, *, bits, group_size=128, sym=False, calib_ids=None, device=None, progress=True, **options)
+        -> QuantResult
+
+Pick one by name with `QUANTIZERS.get(name)` or call `quantize(model, name, ...)`. The storage the
+format would really take (codes + scales + zero points) comes from `mpt_utils.quant.size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mpt_utils.errors import MPTError
+from mpt_utils.quant.rtn import QuantSpec, rtn
+from mpt_utils.registry import Registry
+
+
+@dataclass
+class QuantResult:
+    """What a quantizer did: the default spec, the spec of every quantized linear (full module name),
+    the activation bits if activations are fake-quantized too, and the wall time."""
+
+    method: str
+    spec: QuantSpec
+    layers: dict[str, QuantSpec]
+    seconds: float
+    act_bits: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+QUANTIZERS: Registry = Registry("quantizer")
+CALIBRATED = {"gptq", "awq", "smoothquant"}  # methods that need calibration windows
+
+QUANTIZERS.register("rtn")(rtn)
+
+
+def _register_all() -> None:
+    from mpt_utils.quant.awq import awq
+    from mpt_utils.quant.gptq import gptq
+    from mpt_utils.quant.smoothquant import smoothquant
+
+    QUANTIZERS.register("gptq")(gptq)
+    QUANTIZERS.register("awq")(awq)
+    QUANTIZERS.register("smoothquant")(smoothquant)
+
+
+_register_all()
+
+
+_UNSET: Any = object()
+
+
+def quantize(model: torch.nn.Module, method: str, *, bits: int, group_size: int | None = _UNSET,
+             sym: bool = _UNSET, calib_ids: torch.Tensor | None = None, device: str | None = None,
+             progress: bool = True, **options) -> QuantResult:
+    """Quantize `model` in place with the registered method `method`. `group_size` / `sym` left
+    out take the method's own default (g128 asymmetric for RTN/GPTQ/AWQ, per-channel symmetric
+    for SmoothQuant)."""
+    fn = QUANTIZERS.get(method)
+    if method in CALIBRATED and calib_ids is None and options.get("stats") is None:
+        raise MPTError(f"{method} needs calibration data", "pass calib_ids=calibration_windows(tokenizer, ...)")
+    given = {k: v for k, v in (("group_size", group_size), ("sym", sym)) if v is not _UNSET}
+    return fn(model, bits=bits, calib_ids=calib_ids, device=device, progress=progress, **given, **options)
+
+
+__all__ = ["CALIBRATED", "QUANTIZERS", "QuantResult", "QuantSpec", "quantize"]

@@ -1,0 +1,175 @@
+"""Quantization sweeps into the results store: one resumable point per (method, bits, options).
+
+The dense model is loaded at most once, and only when some point is not yet stored; every point
+quantizes a fresh copy of it, measures perplexity with the torch evaluator on the protocol's
+windows and the storage its format would take. Rows are tidy (metric, value) with the config's
+model / method / family="quant" / bits / seed, and `ratio` = compression against FP16.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+
+from mpt_utils.store import ResultsStore
+
+FAMILY = "quant"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The protocol shared by every point of a sweep (part of each point's config)."""
+
+    model: str
+    eval_data: str
+    calib_data: str
+    seqlen: int = 512
+    n_calib: int = 16
+    max_windows: int | None = None
+    seed: int = 0
+    device: str | None = None
+
+    def config(self) -> dict:
+        return {"model": self.model, "family": FAMILY, "data": self.eval_data, "calib_data": self.calib_data,
+                "seqlen": self.seqlen, "n_calib": self.n_calib, "max_windows": self.max_windows,
+                "seed": self.seed}
+
+
+class Workbench:
+    """Lazily loaded dense model, its eval ids and calibration windows, shared by all points."""
+
+    def __init__(self, setup: Setup, loader: Callable | None = None):
+        from mpt_utils.models import load_model
+
+        self.setup = setup
+        self._loader = loader or (lambda: load_model(setup.model, device=setup.device))
+        self._loaded = None
+        self._calib: torch.Tensor | None = None
+        self._stats = None
+
+    @property
+    def loaded(self):
+        if self._loaded is None:
+            self._loaded = self._loader()
+        return self._loaded
+
+    def eval_ids(self) -> torch.Tensor:
+        from mpt_utils.data import eval_ids
+
+        return eval_ids(self.loaded.tokenizer, self.setup.eval_data)
+
+    def calib_ids(self) -> torch.Tensor:
+        from mpt_utils.data import calibration_windows
+
+        if self._calib is None:
+            s = self.setup
+            self._calib = calibration_windows(self.loaded.tokenizer, s.calib_data, s.n_calib, s.seqlen, s.seed)
+        return self._calib
+
+    def dense_stats(self):
+        """Every block linear's input statistics on the dense model, gathered once by the shared
+        engine (AWQ's scale search and llama.cpp's importance matrix both read dense inputs)."""
+        from mpt_utils.calibration import collect_stats
+
+        if self._stats is None:
+            self._stats = collect_stats(self.loaded.model, self.calib_ids(), device=self.setup.device,
+                                        progress=False)
+        return self._stats
+
+    def fresh_model(self) -> torch.nn.Module:
+        return copy.deepcopy(self.loaded.model)
+
+
+def _ppl_rows(model: torch.nn.Module, bench: Workbench, progress: bool) -> dict:
+    from mpt_utils.eval.perplexity import perplexity
+
+    s = bench.setup
+    res = perplexity(model, bench.eval_ids(), seqlen=s.seqlen, max_windows=s.max_windows, device=s.device,
+                     progress=progress, desc="ppl")
+    return {"metric": "ppl", "value": res.ppl, "nll": res.nll, "n_tokens": res.n_tokens,
+            "n_windows": res.n_windows, "tokens_per_s": res.tokens_per_s}
+
+
+def dense_point(store: ResultsStore, bench: Workbench, progress: bool = True) -> list[dict]:
+    """The 16-bit reference of every quantization curve: dense PPL and the FP16 size."""
+    cfg = {**bench.setup.config(), "method": "dense", "bits": 16}
+
+    def compute():
+        model = bench.loaded.model
+        n_params = sum(p.numel() for p in model.parameters())
+        ppl = _ppl_rows(model, bench, progress)
+        extra = {"scheme": "FP16 (dense)", "ratio": 0.0}
+        return [{**ppl, **extra}, {"metric": "size_gb", "value": n_params * 2 / 1e9, **extra},
+                {"metric": "bits_per_weight", "value": 16.0, **extra}]
+
+    return store.get_or_compute(cfg, compute)
+
+
+def scheme_label(method: str, bits: int, group_size: int | None, sym: bool) -> str:
+    if method == "smoothquant":
+        return "SmoothQuant W8A8"
+    g = "ch" if group_size is None else f"g{group_size}"
+    return f"{method.upper()} w{bits} {g} {'sym' if sym else 'asym'}"
+
+
+def quant_point(store: ResultsStore, bench: Workbench, method: str, bits: int, *, group_size: int | None = 128,
+                sym: bool = False, options: dict | None = None, progress: bool = True) -> list[dict]:
+    """Quantize a copy of the dense model with `method`, evaluate, store and return the rows."""
+    from mpt_utils.quant import CALIBRATED, quantize
+    from mpt_utils.quant.size import storage
+
+    options = dict(options or {})
+    cfg = {**bench.setup.config(), "method": method, "bits": bits, "group_size": group_size, "sym": sym,
+           "options": options}
+
+    def compute():
+        model = bench.fresh_model()
+        calib = bench.calib_ids() if method in CALIBRATED else None
+        shared = {"stats": bench.dense_stats()} if method == "awq" else {}
+        result = quantize(model, method, bits=bits, group_size=group_size, sym=sym, calib_ids=calib,
+                          device=bench.setup.device, progress=progress, **options, **shared)
+        size = storage(model, result.layers)
+        ppl = _ppl_rows(model, bench, progress)
+        del model
+        extra = {"scheme": scheme_label(method, bits, group_size, sym), "ratio": size.ratio,
+                 "group_size": group_size, "act_bits": result.act_bits}
+        rows = [{**ppl, **extra}]
+        for metric in ("size_gb", "bits_per_weight", "bits_per_param"):
+            rows.append({"metric": metric, "value": getattr(size, metric), **extra})
+        rows.append({"metric": "quant_seconds", "value": result.seconds, **extra})
+        if "obs_loss" in result.extra:
+            rows.append({"metric": "gptq_obs_loss", "value": result.extra["obs_loss"], **extra})
+        if "mean_ratio" in result.extra:
+            rows.append({"metric": "awq_mean_ratio", "value": result.extra["mean_ratio"], **extra})
+        return rows
+
+    return store.get_or_compute(cfg, compute)
+
+
+def sweep(store: ResultsStore, bench: Workbench, methods: Iterable[str], bits_list: Iterable[int], *,
+          group_size: int | None = 128, sym: bool = False, options: dict[str, dict] | None = None,
+          smoothquant_alpha: float | None = 0.5, progress: bool = True) -> pd.DataFrame:
+    """Dense reference + every method at every bit width (+ SmoothQuant W8A8 if alpha is given)."""
+    rows = list(dense_point(store, bench, progress))
+    for method in methods:
+        for bits in bits_list:
+            rows += quant_point(store, bench, method, bits, group_size=group_size, sym=sym,
+                                options=(options or {}).get(method), progress=progress)
+    if smoothquant_alpha is not None:
+        rows += quant_point(store, bench, "smoothquant", 8, group_size=None, sym=True,
+                            options={"alpha": smoothquant_alpha}, progress=progress)
+    return pd.DataFrame(rows)
+
+
+def wide(rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per point: method, bits, scheme and one column per metric."""
+    keys = [c for c in ("model", "method", "scheme", "bits") if c in rows.columns]
+    return rows.pivot_table(index=keys, columns="metric", values="value", aggfunc="first").reset_index()
+
+
+def setup_dict(setup: Setup) -> dict:
+    return asdict(setup)

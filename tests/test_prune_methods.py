@@ -1,0 +1,89 @@
+"""Each pruning method on a random layer with LLM-like (outlier-feature, correlated) inputs."""
+
+import pytest
+import torch
+
+from mpt_utils.calibration import LayerStats
+from mpt_utils.errors import MPTError
+from mpt_utils.prune import get_method, method_names
+from mpt_utils.prune.dsnot import dsnot
+from mpt_utils.prune.measure import nm_satisfied, reconstruction_error
+from mpt_utils.prune.owl import owl_sparsities
+from mpt_utils.prune.wanda import wanda
+
+
+@pytest.fixture(scope="module")
+def layer():
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    x = torch.randn(2048, d, generator=g) * torch.exp(torch.randn(d, generator=g))  # a few loud features
+    x = x @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=g) / d**0.5) + 0.2  # correlated, non-zero mean
+    w = torch.randn(48, d, generator=g)
+    st = LayerStats(d, torch.device("cpu"))
+    st.add(x)
+    return w, x, st
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4), (4, 8)])
+@pytest.mark.parametrize("method", ["sparsegpt", "admm"])
+def test_reconstruction_methods_beat_magnitude(layer, method, pattern):
+    w, x, st = layer
+    err = {m: reconstruction_error(w, get_method(m).fn(w, st, 0.5, pattern), x) for m in ("magnitude", method)}
+    assert err[method] < err["magnitude"]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "ria", "admm", "owl", "dsnot"])
+def test_every_method_hits_the_sparsity_and_patterns(layer, method):
+    w, _, st = layer
+    spec = get_method(method)
+    out = spec.fn(w, st, 0.6, None, name="self_attn.q_proj")
+    assert out.shape == w.shape and out.dtype == w.dtype
+    assert abs(float((out == 0).float().mean()) - 0.6) < 0.01
+    if not spec.updates_weights:  # mask-only methods keep the surviving weights untouched
+        assert torch.equal(out[out != 0], w[out != 0])
+    for pattern in ((2, 4), (4, 8)):
+        if spec.supports_nm:
+            assert nm_satisfied(spec.fn(w, st, 0.5, pattern, name="self_attn.q_proj"), pattern)
+
+
+def test_wanda_sparsity_is_exact_per_row(layer):
+    w, _, st = layer
+    for s in (0.2, 0.5, 0.75):
+        assert ((wanda(w, st, s) == 0).sum(dim=1) == round(w.shape[1] * s)).all()
+
+
+def test_dsnot_keeps_row_sparsity_and_reduces_mean_error(layer):
+    w, _, st = layer
+    base = wanda(w, st, 0.5)
+    refined = dsnot(w, st, 0.5, None, name="self_attn.q_proj", skip=(), threshold=0.0)
+    assert ((refined == 0).sum(dim=1) == (base == 0).sum(dim=1)).all()
+    assert not torch.equal(refined, base)
+    mean = st.mean
+
+    def mean_error(out):  # |E[x]ᵀ(w − ŵ)| per row: what DSnoT drives to zero
+        return ((w - out) @ mean).abs().sum()
+
+    assert mean_error(refined) < mean_error(base)
+    assert torch.equal(dsnot(w, st, 0.5, None, name="mlp.up_proj"), base)  # MLP skipped by default
+    nm = dsnot(w, st, 0.5, (2, 4), name="self_attn.q_proj", skip=(), threshold=0.0)
+    assert nm_satisfied(nm, (2, 4))
+
+
+def test_owl_ratios_average_to_target_and_follow_outliers():
+    lods = [0.01, 0.03, 0.02, 0.08, 0.05]
+    for target in (0.3, 0.5, 0.7):
+        ratios = owl_sparsities(lods, target, lam=0.08)
+        assert abs(sum(ratios) / len(ratios) - target) < 1e-9
+        assert max(ratios) - min(ratios) == pytest.approx(0.16)
+        assert ratios.index(min(ratios)) == 3  # most outliers, least pruned
+    assert owl_sparsities([0.02, 0.02], 0.5) == [0.5, 0.5]
+    low = owl_sparsities(lods, 0.05, lam=0.08)  # λ narrowed so no block goes below 0
+    assert min(low) == pytest.approx(0.0, abs=1e-12) and sum(low) / len(low) == pytest.approx(0.05)
+
+
+def test_wrappers_reject_unknown_bases(layer):
+    w, _, st = layer
+    for method in ("owl", "dsnot"):
+        with pytest.raises(MPTError, match="base"):
+            get_method(method).fn(w, st, 0.5, None, base="magnitude")
+    assert "owl" in method_names()

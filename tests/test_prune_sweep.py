@@ -1,0 +1,53 @@
+"""Sweep runner: points stored as they finish, resumed from the store, dense statistics reused."""
+
+import math
+
+import pytest
+
+from mpt_utils.prune.sweep import PruneSession, parse_method, sweep_points
+from mpt_utils.store import ResultsStore
+from mpt_utils.testing import tiny_model
+
+
+def _session(store, mode="dense", loaded=None):
+    return PruneSession("tiny-llama", store, calib_data="embedded-news", n_calib=2, seqlen=64,
+                        eval_data=["embedded-news"], max_eval_windows=2, mode=mode,
+                        loaded=loaded or tiny_model("llama"))
+
+
+def test_sweep_points_and_method_labels():
+    assert sweep_points([0.1, 0.5], ["2:4", "4:8"]) == [(0.1, None), (0.5, None), (0.5, "2:4"), (0.5, "4:8")]
+    assert parse_method("owl:sparsegpt") == ("owl", {"base": "sparsegpt"})
+    assert parse_method("wanda") == ("wanda", {})
+
+
+def test_sweep_stores_each_point_reuses_stats_and_resumes(tmp_path, monkeypatch):
+    store = ResultsStore(tmp_path / "store")
+    session = _session(store)
+    df = session.sweep(["wanda", "owl:wanda"], [0.3, 0.6], ["2:4"])
+    ppl = df[df.metric == "ppl"]
+    assert len(ppl) == 5  # owl has no 2:4 point
+    assert ppl.value.map(math.isfinite).all()
+    assert ppl.sparsity.round(2).tolist() == [0.3, 0.6, 0.5, 0.3, 0.6]
+    assert df[df.pattern == "2:4"].nm_ok.all()
+    assert len(list((tmp_path / "store" / "points").glob("*.json"))) == 5
+    first_stats = session._stats
+    session.point("wanda", 0.45)
+    assert session._stats is first_stats  # one dense pass served every point
+
+    fresh = _session(store)
+    monkeypatch.setattr(fresh, "_compute", lambda cfg: pytest.fail("a stored point was recomputed"))
+    again = fresh.sweep(["wanda", "owl:wanda"], [0.3, 0.6], ["2:4"])
+    assert again[again.metric == "ppl"].value.tolist() == ppl.value.tolist()
+    assert fresh._loaded is not None and fresh._stats is None
+
+
+def test_sequential_mode_and_dense_restore(tmp_path):
+    lm = tiny_model("llama")
+    w0 = lm.model.model.layers[0].mlp.down_proj.weight.clone()
+    session = _session(ResultsStore(tmp_path), mode="sequential", loaded=lm)
+    rows = session.point("sparsegpt", 0.5)
+    assert {r["prune_mode"] for r in rows} == {"sequential"}
+    assert (lm.model.model.layers[0].mlp.down_proj.weight == w0).all()  # the model is dense again
+    magnitude = session.point("magnitude", pattern="4:8")
+    assert magnitude[0]["calib_data"] is None and magnitude[0]["nm_ok"]

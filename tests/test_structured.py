@@ -1,0 +1,232 @@
+"""Structured pruning: physically smaller models, honest parameter counts, the papers' invariants."""
+
+import copy
+
+import pytest
+import torch
+
+from mpt_utils.calibration import decoder_layers
+from mpt_utils.errors import MPTError
+from mpt_utils.eval.perplexity import nll_from_logits
+from mpt_utils.models import load_model
+from mpt_utils.prune.structured import STRUCTURED, structured_prune
+from mpt_utils.prune.structured.shortgpt import block_influence
+from mpt_utils.prune.structured.surgery import drop_blocks, keep_mlp_channels, save_pruned
+from mpt_utils.testing import tiny_model
+
+WIDTH = ("flap", "llm_pruner", "random")
+
+
+def _tiny(arch="llama", tie_word_embeddings=False, **kw):
+    kw.setdefault("layers", 4)
+    loaded = tiny_model(arch, **kw)
+    if tie_word_embeddings:  # like the embedded SmolLM2: one matrix for embedding and LM head
+        loaded.model.config.tie_word_embeddings = True
+        loaded.model.tie_weights()
+        assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, 258, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def probe():
+    return torch.randint(0, 258, (2, 24), generator=torch.Generator().manual_seed(2))
+
+
+def _expected_params(model) -> int:
+    """Parameter count recomputed from the layer shapes alone (not from the tensors' numel)."""
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            total += mod.in_features * mod.out_features + (mod.out_features if mod.bias is not None else 0)
+        elif isinstance(mod, torch.nn.Embedding):
+            total += mod.num_embeddings * mod.embedding_dim
+        elif hasattr(mod, "weight") and isinstance(mod.weight, torch.nn.Parameter) and mod.weight.ndim == 1:
+            total += mod.weight.numel()  # norms
+    if model.config.tie_word_embeddings:
+        total -= model.get_output_embeddings().weight.numel()
+    return total
+
+
+@pytest.mark.parametrize("method", sorted(STRUCTURED.names()))
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_pruned_model_is_smaller_runs_and_counts_match(method, ratio, calib, probe):
+    loaded = _tiny()
+    dense = loaded.model
+    before = sum(p.numel() for p in dense.parameters())
+    model = copy.deepcopy(dense)
+    res = structured_prune(model, method, ratio, calib, progress=False)
+    after = sum(p.numel() for p in model.parameters())
+    assert res.params_before == before and res.params_after == after == _expected_params(model)
+    assert res.param_reduction == pytest.approx(1 - after / before)
+    assert 0 < res.param_reduction < ratio + 0.05
+    out = model(input_ids=probe).logits
+    assert out.shape == (2, 24, 258) and torch.isfinite(out).all()
+    if method in ("shortgpt", "sleb"):
+        assert len(decoder_layers(model)) == 4 - round(ratio * 4) == model.config.num_hidden_layers
+        assert res.block_reduction == pytest.approx(round(ratio * 4) / 4)
+    elif method in WIDTH:
+        assert res.block_reduction == pytest.approx(ratio, abs=0.03)  # the budget is hit in parameters
+    else:
+        assert model.get_input_embeddings().weight.shape[1] < 64  # the hidden size itself shrank
+
+
+@pytest.mark.parametrize("method", WIDTH)
+def test_gqa_heads_go_in_whole_groups(method, calib, probe):
+    model = _tiny(heads=4, kv_heads=2).model  # 2 query heads per KV head, head_dim 16
+    res = structured_prune(model, method, 0.5, calib, progress=False,
+                           **({"scope": "all"} if method == "random" else {}))
+    for block, groups in zip(decoder_layers(model), res.detail["kept_groups"]):
+        attn = block.self_attn
+        assert attn.k_proj.out_features == attn.v_proj.out_features == groups * 16
+        assert attn.q_proj.out_features == attn.o_proj.in_features == groups * 2 * 16
+        assert attn.num_key_value_groups == 2
+    assert torch.isfinite(model(input_ids=probe).logits).all()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_slicegpt_without_slicing_is_rotation_invariant(tied, calib, probe):
+    dense = _tiny(tie_word_embeddings=tied).model
+    ref = dense(input_ids=probe).logits
+    model = copy.deepcopy(dense)
+    res = structured_prune(model, "slicegpt", 0.0, calib, progress=False)
+    assert res.detail["sliced_hidden"] == 64
+    assert (model(input_ids=probe).logits - ref).abs().max() < 1e-4
+
+
+def test_slicegpt_slices_hidden_size_and_pays_for_shortcuts(calib):
+    model = _tiny().model
+    res = structured_prune(model, "slicegpt", 0.25, calib, progress=False)
+    assert res.detail["sliced_hidden"] == 48
+    layer = decoder_layers(model)[0]
+    assert layer.self_attn.q_proj.in_features == 48 and layer.attn_shortcut.weight.shape == (48, 48)
+    # the shortcut matrices are counted: the block reduction is below the slicing ratio
+    assert 0 < res.block_reduction < 0.25
+
+
+def test_shortgpt_removes_the_lowest_block_influence(calib):
+    model = _tiny(layers=6).model
+    bi = block_influence(model, calib, progress=False)
+    # independent check of BI on the blocks whose output HF exposes un-normed
+    hs = [model(input_ids=w[None], output_hidden_states=True).hidden_states for w in calib]
+    for i in range(5):
+        cos = torch.cat([torch.nn.functional.cosine_similarity(h[i][0], h[i + 1][0], dim=-1) for h in hs])
+        assert bi[i].item() == pytest.approx(1 - cos.mean().item(), abs=1e-5)
+    res = structured_prune(model, "shortgpt", 0.5, calib, progress=False)
+    assert res.detail["removed_blocks"] == sorted(torch.argsort(bi)[:3].tolist())
+
+
+def test_sleb_first_removal_is_the_best_single_block(calib):
+    dense = _tiny(layers=5).model
+    res = structured_prune(copy.deepcopy(dense), "sleb", 0.2, calib, progress=False)
+
+    @torch.no_grad()
+    def nll_without(j):
+        m = copy.deepcopy(dense)
+        drop_blocks(m, [j])
+        return float(nll_from_logits(m(input_ids=calib).logits, calib).sum())
+
+    brute = min(range(5), key=nll_without)
+    assert res.detail["removal_order"] == [brute]
+
+
+def test_sleb_order_is_a_prefix_across_ratios(calib):
+    dense = _tiny(layers=5).model
+    cache = {}
+    two = structured_prune(copy.deepcopy(dense), "sleb", 0.4, calib, cache=cache, progress=False)
+    one = structured_prune(copy.deepcopy(dense), "sleb", 0.2, calib, cache=cache, progress=False)
+    assert one.detail["removal_order"] == two.detail["removal_order"][:1]
+
+
+def test_flap_bias_replaces_removed_channels_by_their_mean():
+    torch.manual_seed(0)
+    block = decoder_layers(_tiny().model)[0]
+    mlp = block.mlp
+    x = torch.randn(200, 128)  # intermediate activations entering down_proj
+    mean = x.mean(0)
+    keep = torch.arange(0, 128, 2)
+    drop = torch.ones(128, dtype=torch.bool)
+    drop[keep] = False
+    want = mlp.down_proj(torch.where(drop, mean, x))
+    comp = mlp.down_proj.weight[:, drop] @ mean[drop]
+    keep_mlp_channels(block, keep, comp)
+    assert torch.allclose(mlp.down_proj(x[:, keep]), want, atol=1e-5)
+
+
+def test_llm_pruner_importance_is_first_order_taylor(calib):
+    from mpt_utils.prune.structured.llm_pruner import taylor_importance
+
+    model = _tiny().model
+    imp = taylor_importance(model, calib[:2], "param_first", progress=False)
+    model.zero_grad()
+    for w in calib[:2]:
+        (model(input_ids=w[None], labels=w[None]).loss / 2).backward()
+    mlp = decoder_layers(model)[1].mlp
+    c = 5
+    manual = sum(float((lin.weight * lin.weight.grad).abs()[c].sum()) for lin in (mlp.gate_proj, mlp.up_proj))
+    manual += float((mlp.down_proj.weight * mlp.down_proj.weight.grad).abs()[:, c].sum())
+    assert imp[1][1][c].item() == pytest.approx(manual, rel=1e-4)
+
+
+def test_llm_pruner_keeps_first_and_last_blocks(calib):
+    model = _tiny(layers=16).model
+    res = structured_prune(model, "llm_pruner", 0.3, calib, progress=False)
+    assert res.detail["layer_range"] == [2, 15]  # LLM-Pruner's 4..30 of 32, scaled to 16 blocks
+    kept = res.detail["kept_channels"]
+    assert kept[0] == kept[1] == kept[15] == 128 and max(kept[2:15]) < 128
+    assert res.block_reduction == pytest.approx(0.3, abs=0.03)
+
+
+def test_random_is_calibration_free_and_seeded():
+    dense = _tiny().model
+    runs = []
+    for seed in (0, 0, 1):
+        m = copy.deepcopy(dense)
+        structured_prune(m, "random", 0.3, None, seed=seed)
+        runs.append(decoder_layers(m)[0].mlp.gate_proj.weight)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    with pytest.raises(MPTError, match="only MLP channels"):
+        structured_prune(copy.deepcopy(dense), "random", 0.8, None)
+
+
+def test_user_errors_are_clear(calib):
+    model = _tiny().model
+    with pytest.raises(MPTError, match="unknown structured pruning method"):
+        structured_prune(model, "magic", 0.2, calib)
+    with pytest.raises(MPTError, match="outside"):
+        structured_prune(model, "flap", 1.0, calib)
+    with pytest.raises(MPTError, match="needs calibration"):
+        structured_prune(model, "flap", 0.2, None)
+    with pytest.raises(MPTError, match="unknown option"):
+        structured_prune(model, "shortgpt", 0.2, calib, colour="red")
+    with pytest.raises(MPTError, match="not a Llama-style block"):
+        structured_prune(tiny_model("opt").model, "flap", 0.2, calib)
+
+
+@pytest.mark.parametrize("method", ["flap", "slicegpt", "sleb"])
+def test_saved_model_reloads_through_load_model(method, calib, probe, tmp_path):
+    loaded = _tiny(tie_word_embeddings=True) if method == "slicegpt" else _tiny()
+    model = loaded.model
+    structured_prune(model, method, 0.5, calib, progress=False)
+    save_pruned(model, tmp_path / method, loaded.tokenizer)
+    back = load_model(str(tmp_path / method), device="cpu")
+    assert back.info.n_params == sum(p.numel() for p in model.parameters())
+    assert torch.equal(back.model(input_ids=probe).logits, model(input_ids=probe).logits)
+    assert back.tokenizer is not None
+
+
+def test_lora_recovery_changes_weights_not_shapes(calib):
+    from mpt_utils.prune.structured.recovery import lora_recover
+
+    model = _tiny().model
+    structured_prune(model, "random", 0.3, None)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    before = decoder_layers(model)[0].mlp.up_proj.weight.clone()
+    info = lora_recover(model, calib[:1], steps=5, lr=1e-2, progress=False)  # one window: loss must fall
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes  # merged: no adapters left
+    assert not torch.equal(before, decoder_layers(model)[0].mlp.up_proj.weight)
+    assert info["steps"] == 5 and info["loss_last"] < info["loss_first"]

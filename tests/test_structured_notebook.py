@@ -1,0 +1,25 @@
+"""Smoke run of the structured-pruning notebook through papermill on a tiny random model."""
+
+import json
+
+import papermill
+
+
+def test_structured_notebook_runs_on_tiny_model(tmp_path):
+    out = tmp_path / "04.ipynb"
+    papermill.execute_notebook(
+        "notebooks/04_structured_pruning.ipynb", str(out), kernel_name="python3", progress_bar=False,
+        parameters={"store_dir": str(tmp_path / "store"), "figures_dir": str(tmp_path / "fig"),
+                    "model": "tiny-llama", "seqlen": 64, "n_calib": 4, "max_eval_windows": 2,
+                    "ratios": [0.25, 0.5], "extra_eval_ratios": [0.25], "sleb_windows": 2, "sleb_seqlen": 32,
+                    "slicegpt_windows": 4, "llm_pruner_samples": 2, "llm_pruner_sample_len": 32,
+                    "recovery_ratios": [0.5], "recovery_steps": 2, "recovery_seqlen": 32, "recovery_windows": 2,
+                    "speed_ratios": [0.5], "speed_seqlen": 16, "speed_rounds": 1, "downstream_limit": 2,
+                    "downstream_ratios": [0.5], "downstream_methods": ["random"],
+                    "save_example": ["slicegpt", 0.25]},
+    )
+    text = json.dumps(json.loads(out.read_text()))
+    assert "with LoRA" in text and "max_logit_diff" in text and "speedup" in text
+    for name in ("04_structured_ptp", "04_structured_recovery_size", "04_structured_speed"):
+        assert (tmp_path / "fig" / f"{name}.png").exists()
+    assert (tmp_path / "store" / "04_ptp_structured.csv").exists()
