@@ -106,6 +106,19 @@ def _dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype
         raise MPTError(f"unknown dtype {dtype!r}", "use float32, float16 or bfloat16") from None
 
 
+def _drop_dequantized_marker(model: torch.nn.Module) -> None:
+    """transformers keeps its GGUF quantizer attached after de-quantizing every tensor to float, and
+    then refuses `save_pretrained`. Once no parameter is left in GGUF blocks the model is a plain float
+    model (our dense baseline), so the marker goes and pruned/decomposed copies can be saved."""
+    if getattr(model, "hf_quantizer", None) is None or not all(p.is_floating_point() for p in model.parameters()):
+        return
+    if any(type(m).__module__.startswith("transformers.integrations.gguf") for m in model.modules()):
+        return
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+
+
 def _from_gguf(path: Path, name: str, source: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,6 +136,7 @@ def _from_gguf(path: Path, name: str, source: str, device: torch.device, dtype: 
             "check the file is a complete GGUF of a transformers-supported architecture "
             "(llama, qwen2, gemma3, mistral, ...)",
         ) from None
+    _drop_dequantized_marker(model)
     model.to(device).eval()
     note = "weights de-quantized from the GGUF grid (Q4_1 for smollm2-135m)" if source == "embedded" else ""
     return LoadedModel(model, tok, model_info(model, name, source, str(path), note))

@@ -133,3 +133,20 @@ def test_export_of_a_factored_linear_multiplies_it_back(tmp_path):
     path = export_gguf(loaded.model, loaded.tokenizer, tmp_path / "f.gguf")
     tensor = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "blk.0.ffn_down.weight")
     assert np.allclose(np.asarray(tensor.data).reshape(w.shape), w.numpy(), atol=1e-4)
+
+
+def test_a_native_crash_in_llamacpp_becomes_a_clear_error(exported, tmp_path, monkeypatch):
+    """The isolated evaluator reports a child killed by SIGSEGV (what a fault inside libggml does)
+    as one MPTError naming the signal and the file, and the caller survives."""
+    import os
+    import stat
+
+    from mpt_utils.eval import llamacpp
+
+    _, src = exported["llama"]
+    crasher = tmp_path / "python-that-segfaults"
+    crasher.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crasher.chmod(crasher.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(llamacpp.sys, "executable", os.fspath(crasher))
+    with pytest.raises(MPTError, match=r"llama.cpp crashed \(signal SIGSEGV\) while evaluating .*f32.gguf"):
+        llamacpp.llamacpp_perplexity(src, torch.arange(128), seqlen=64, progress=False)

@@ -230,3 +230,25 @@ def test_lora_recovery_changes_weights_not_shapes(calib):
     assert {n: p.shape for n, p in model.named_parameters()} == shapes  # merged: no adapters left
     assert not torch.equal(before, decoder_layers(model)[0].mlp.up_proj.weight)
     assert info["steps"] == 5 and info["loss_last"] < info["loss_first"]
+
+
+@pytest.mark.integration
+def test_embedded_structured_pruning_end_to_end(embedded, tmp_path):
+    """FLAP and SliceGPT on the real 135M model (tied embeddings, 3 KV groups of 3 heads)."""
+    from mpt_utils.data import calibration_windows, eval_ids
+    from mpt_utils.eval.perplexity import perplexity
+
+    calib = calibration_windows(embedded.tokenizer, "embedded-wiki", 16, 256, seed=0)  # > hidden size tokens for PCA
+    ids = eval_ids(embedded.tokenizer, "embedded-wiki")
+    dense_ppl = perplexity(embedded.model, ids, seqlen=128, max_windows=4, progress=False).ppl
+    for method in ("flap", "slicegpt"):
+        model = copy.deepcopy(embedded.model)
+        res = structured_prune(model, method, 0.2, calib, progress=False)
+        ppl = perplexity(model, ids, seqlen=128, max_windows=4, progress=False).ppl
+        assert dense_ppl < ppl < 20 * dense_ppl, (method, dense_ppl, ppl)
+        assert res.params_after == sum(p.numel() for p in model.parameters())
+        assert 0.0 < res.block_reduction < 0.25
+    save_pruned(model, tmp_path / "slicegpt", embedded.tokenizer)
+    back = load_model(str(tmp_path / "slicegpt"), device="cpu")
+    probe = calib[:1, :32]
+    assert torch.allclose(back.model(input_ids=probe).logits, model(input_ids=probe).logits, atol=1e-4)

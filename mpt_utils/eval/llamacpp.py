@@ -7,9 +7,15 @@ given their prefix summed by the same `nll_from_logits`, tokens/s = windows x se
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,12 +50,10 @@ def open_gguf(path: str | os.PathLike, seqlen: int, n_threads: int | None = None
                        "check the GGUF's architecture and tokenizer metadata") from None
 
 
-def llamacpp_perplexity(path: str | os.PathLike, ids: torch.Tensor, seqlen: int = 2048,
-                        max_windows: int | None = None, n_threads: int | None = None, kv_type: str = "f16",
-                        progress: bool = True, desc: str = "llama.cpp ppl", n_gpu_layers: int = 0
-                        ) -> PerplexityResult:
-    """Perplexity of the GGUF at `path` on 1-D token ids `ids` (same windows and NLL as torch)."""
-    windows = window_ids(ids, seqlen, max_windows)
+def _window_nll(path: str, windows: torch.Tensor, n_threads: int | None, kv_type: str, n_gpu_layers: int,
+                progress: bool, desc: str) -> tuple[float, float]:
+    """Summed NLL of `windows` under llama.cpp and the seconds the loop took."""
+    seqlen = windows.size(1)
     llm = open_gguf(path, seqlen, n_threads, kv_type, n_gpu_layers)
     vocab = llm.n_vocab()
     if int(windows.max()) >= vocab:
@@ -63,9 +67,61 @@ def llamacpp_perplexity(path: str | os.PathLike, ids: torch.Tensor, seqlen: int 
             llm.eval(window.tolist())
             logits = torch.from_numpy(np.asarray(llm.scores[:seqlen], dtype=np.float32))
             total += float(nll_from_logits(logits.unsqueeze(0), window.unsqueeze(0)).sum())
-        seconds = time.perf_counter() - start
+        return total, time.perf_counter() - start
     finally:
         llm.close() if hasattr(llm, "close") else None
+
+
+def _isolated_window_nll(path: str, windows: torch.Tensor, n_threads: int | None, kv_type: str,
+                         n_gpu_layers: int, progress: bool, desc: str) -> tuple[float, float]:
+    """`_window_nll` in a child interpreter (`python -m mpt_utils.eval.llamacpp`), so a native fault
+    inside llama.cpp (a segfault or general protection fault in libggml) becomes a clear MPTError
+    instead of killing the caller, e.g. the notebook kernel in the middle of a ladder."""
+    with tempfile.TemporaryDirectory(prefix="mpt-llamacpp-") as tmp:
+        job, out = Path(tmp) / "job.pt", Path(tmp) / "result.json"
+        torch.save({"path": path, "windows": windows, "n_threads": n_threads, "kv_type": kv_type,
+                    "n_gpu_layers": n_gpu_layers, "progress": progress, "desc": desc}, job)
+        proc = subprocess.run([sys.executable, "-m", "mpt_utils.eval.llamacpp", str(job), str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if not out.exists():
+            code = proc.returncode
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            tail = proc.stderr.strip().splitlines()[-1:] or [""]
+            raise MPTError(f"llama.cpp crashed ({how}) while evaluating {path} {tail[0][:200]}".rstrip(),
+                           "a native fault inside llama.cpp for this file type on this CPU: skip the scheme, "
+                           "or rebuild llama-cpp-python (CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install "
+                           "--force-reinstall --no-cache-dir llama-cpp-python)")
+        answer = json.loads(out.read_text(encoding="utf-8"))
+    if "error" in answer:
+        raise MPTError(answer["error"], answer.get("fix"))
+    return answer["total"], answer["seconds"]
+
+
+def _worker(job: str, out: str) -> None:
+    """Child side of `_isolated_window_nll`: the NLL or the MPTError, as JSON in `out`."""
+    args = torch.load(job)
+    try:
+        total, seconds = _window_nll(args["path"], args["windows"], args["n_threads"], args["kv_type"],
+                                     args["n_gpu_layers"], args["progress"], args["desc"])
+        answer = {"total": total, "seconds": seconds}
+    except MPTError as err:
+        answer = {"error": err.message, "fix": err.fix}
+    Path(out).write_text(json.dumps(answer), encoding="utf-8")
+
+
+def llamacpp_perplexity(path: str | os.PathLike, ids: torch.Tensor, seqlen: int = 2048,
+                        max_windows: int | None = None, n_threads: int | None = None, kv_type: str = "f16",
+                        progress: bool = True, desc: str = "llama.cpp ppl", n_gpu_layers: int = 0,
+                        isolate: bool = True) -> PerplexityResult:
+    """Perplexity of the GGUF at `path` on 1-D token ids `ids` (same windows and NLL as torch).
+    `isolate` runs llama.cpp in a child process (a few seconds of start-up) so that a crash in
+    native code is reported, not fatal."""
+    from mpt_utils.quant.gguf.fileinfo import read_gguf
+
+    read_gguf(path)  # a clear error for missing/corrupt files before any process starts
+    windows = window_ids(ids, seqlen, max_windows)
+    run = _isolated_window_nll if isolate else _window_nll
+    total, seconds = run(str(path), windows, n_threads, kv_type, n_gpu_layers, progress, desc)
     n_scored = windows.size(0) * (seqlen - 1)
     nll = total / n_scored
     ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
@@ -84,3 +140,7 @@ def llamacpp_logits(path: str | os.PathLike, window: torch.Tensor, n_threads: in
         return torch.from_numpy(np.array(llm.scores[: window.numel()], dtype=np.float32))
     finally:
         llm.close() if hasattr(llm, "close") else None
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:3])

@@ -14,6 +14,8 @@ otherwise, the head is sliced too so the untied copy stays small.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -102,6 +104,10 @@ def slicegpt(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: 
     d_new = sliced_dim(d, ratio, round_to)
     eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", getattr(model.config, "rms_norm_eps", 1e-6)))
 
+    n_tokens = int(calib_ids.numel())
+    if n_tokens < 4 * d:  # a PCA from fewer samples than dimensions slices arbitrary directions
+        warnings.warn(f"SliceGPT: {n_tokens} calibration tokens for a {d}-dim residual stream; the PCA is "
+                      f"unreliable below ~{4 * d} tokens (use more or longer calibration windows)", stacklevel=2)
     inputs, kwargs = capture_block_inputs(model, calib_ids, dev)
     head_w = head.weight.detach().double() * final_norm.weight.detach().double()[None, :]
     q = pca_basis(_gram(inputs), damp)
@@ -147,4 +153,4 @@ def slicegpt(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: 
     record = {"mean_dim": d, "eps": eps, "embed_dim": d_new, "head_in": d_out}
     finalize(model, slicegpt=record)
     return {"hidden_size": d, "sliced_hidden": d_new, "slice_head": slice_head, "untied_head": tied,
-            "calib_windows": int(calib_ids.shape[0])}
+            "calib_windows": int(calib_ids.shape[0]), "calib_tokens": n_tokens}

@@ -9,11 +9,13 @@ evaluated (llama.cpp perplexity and tokens/s on the torch evaluator's windows), 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+from mpt_utils.errors import MPTError
 from mpt_utils.quant.gguf.quantize import NEEDS_IMATRIX, SCHEMES, check_scheme
 from mpt_utils.quant.sweep import Workbench
 from mpt_utils.store import ResultsStore
@@ -153,7 +155,14 @@ def ladder(store: ResultsStore, gb: GGUFBench, schemes: Iterable[str] = DEFAULT_
     schemes = [check_scheme(s) for s in schemes]
     rows = list(roundtrip_point(store, gb, progress))
     for scheme in schemes:
-        rows += gguf_point(store, gb, scheme, keep_files, progress)
+        try:
+            rows += gguf_point(store, gb, scheme, keep_files, progress)
+        except MPTError as err:
+            # One scheme llama.cpp cannot build or evaluate (e.g. a native crash, reported by the
+            # isolated evaluator) must not cost the rest of the ladder. Not stored: a rerun retries it.
+            warnings.warn(f"GGUF {scheme} skipped: {err}", stacklevel=2)
+            rows.append({"method": "gguf-failed", "scheme": scheme, "metric": "error", "value": float("nan"),
+                         "error": err.message})
     if not keep_files:
         gb.cleanup()
     return pd.DataFrame(rows)
