@@ -8,7 +8,6 @@ given their prefix summed by the same `nll_from_logits`, tokens/s = windows x se
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -122,12 +121,7 @@ def llamacpp_perplexity(path: str | os.PathLike, ids: torch.Tensor, seqlen: int 
     windows = window_ids(ids, seqlen, max_windows)
     run = _isolated_window_nll if isolate else _window_nll
     total, seconds = run(str(path), windows, n_threads, kv_type, n_gpu_layers, progress, desc)
-    n_scored = windows.size(0) * (seqlen - 1)
-    nll = total / n_scored
-    ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
-    return PerplexityResult(ppl=ppl, nll=nll if math.isfinite(nll) else math.inf, n_tokens=n_scored,
-                            n_windows=windows.size(0), seqlen=seqlen, seconds=seconds,
-                            tokens_per_s=windows.numel() / seconds if seconds > 0 else math.inf)
+    return PerplexityResult.from_total(total, windows, seconds)
 
 
 def llamacpp_logits(path: str | os.PathLike, window: torch.Tensor, n_threads: int | None = None,

@@ -27,6 +27,15 @@ class PerplexityResult:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_total(cls, total_nll: float, windows: torch.Tensor, seconds: float) -> PerplexityResult:
+        """From the NLL summed over `windows` ([n, seqlen]); a collapsed model gives ppl=inf."""
+        n, seqlen = windows.shape
+        nll = total_nll / (n * (seqlen - 1))
+        ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
+        return cls(ppl=ppl, nll=nll if math.isfinite(nll) else math.inf, n_tokens=n * (seqlen - 1), n_windows=n,
+                   seqlen=seqlen, seconds=seconds, tokens_per_s=windows.numel() / seconds if seconds > 0 else math.inf)
+
 
 def window_ids(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Cut a 1-D id tensor into non-overlapping [n, seqlen] windows; the incomplete tail is dropped,
@@ -69,12 +78,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int = 2048, ba
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    n_scored = windows.size(0) * (seqlen - 1)
-    nll = total / n_scored
-    ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
-    return PerplexityResult(ppl=ppl, nll=nll if math.isfinite(nll) else math.inf, n_tokens=n_scored,
-                            n_windows=windows.size(0), seqlen=seqlen, seconds=seconds,
-                            tokens_per_s=windows.numel() / seconds if seconds > 0 else math.inf)
+    return PerplexityResult.from_total(total, windows, seconds)
 
 
 def perplexity_rows(model: torch.nn.Module, tokenizer, datasets: list[str], seqlen: int,
