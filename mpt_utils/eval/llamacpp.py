@@ -80,12 +80,13 @@ def _isolated_window_nll(path: str, windows: torch.Tensor, n_threads: int | None
         job, out = Path(tmp) / "job.pt", Path(tmp) / "result.json"
         torch.save({"path": path, "windows": windows, "n_threads": n_threads, "kv_type": kv_type,
                     "n_gpu_layers": n_gpu_layers, "progress": progress, "desc": desc}, job)
+        # With a progress bar the child's stderr (tqdm) goes to ours; otherwise it is kept for the message.
         proc = subprocess.run([sys.executable, "-m", "mpt_utils.eval.llamacpp", str(job), str(out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, text=True)
         if not out.exists():
             code = proc.returncode
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            tail = proc.stderr.strip().splitlines()[-1:] or [""]
+            tail = (proc.stderr or "").strip().splitlines()[-1:] or [""]
             raise MPTError(f"llama.cpp crashed ({how}) while evaluating {path} {tail[0][:200]}".rstrip(),
                            "a native fault inside llama.cpp for this file type on this CPU: skip the scheme, "
                            "or rebuild llama-cpp-python (CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install "
@@ -114,10 +115,7 @@ def llamacpp_perplexity(path: str | os.PathLike, ids: torch.Tensor, seqlen: int 
                         isolate: bool = True) -> PerplexityResult:
     """Perplexity of the GGUF at `path` on 1-D token ids `ids` (same windows and NLL as torch).
     `isolate` runs llama.cpp in a child process (a few seconds of start-up) so that a crash in
-    native code is reported, not fatal."""
-    from mpt_utils.quant.gguf.fileinfo import read_gguf
-
-    read_gguf(path)  # a clear error for missing/corrupt files before any process starts
+    native code is reported, not fatal. A missing or corrupt file is reported by `open_gguf`."""
     windows = window_ids(ids, seqlen, max_windows)
     run = _isolated_window_nll if isolate else _window_nll
     total, seconds = run(str(path), windows, n_threads, kv_type, n_gpu_layers, progress, desc)
