@@ -50,5 +50,5 @@ def main(profile: str, store: ResultsStore) -> None:
 
         for row in store.get_or_compute(cfg, compute):
             print(f"  ratio {ratio:.1f} {row['mode']:7s} {row['name']:10s} {row['value']:9.1f} tok/s  "
-                  f"x{row['speedup']:.2f} vs dense  (params -{row['param_reduction']:.1%}, "
+                  f"x{row['speedup']:.2f} vs dense  (params {-row['param_reduction']:+.1%}, "
                   f"spread {row['spread']:.0%})")
