@@ -106,12 +106,28 @@ def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def check_calibration_inputs(model: nn.Module, calib_ids: torch.Tensor) -> None:
+    """Windows within the model's context and finite weights, checked before any block runs: NaN
+    weights would otherwise surface later as failed Hessian factorizations blamed on the data."""
+    from mpt_utils.models import check_finite_weights, check_seqlen
+
+    if not isinstance(calib_ids, torch.Tensor) or calib_ids.dim() != 2 or calib_ids.is_floating_point():
+        shape = tuple(calib_ids.shape) if isinstance(calib_ids, torch.Tensor) else type(calib_ids).__name__
+        raise MPTError(f"calibration ids must be a LongTensor [n, seqlen], got {shape}",
+                       "pass calib_ids=calibration_windows(tokenizer, data, n, seqlen)")
+    if calib_ids.shape[0] == 0:
+        raise MPTError("calibration ids hold no windows", "pass calib_ids=calibration_windows(tokenizer, data, n, seqlen)")
+    check_seqlen(model, int(calib_ids.shape[1]))
+    check_finite_weights(model)
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, device: torch.device
                          ) -> tuple[list[torch.Tensor], dict]:
     """Hidden states entering block 0 for each calibration window, plus the block's keyword arguments
     (position embeddings, masks) with the KV cache dropped so shapes stay fixed across calls."""
     layers = decoder_layers(model)
+    check_calibration_inputs(model, calib_ids)
     captured: list[torch.Tensor] = []
     kwargs_seen: dict = {}
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import bz2
+import difflib
 import hashlib
 import importlib.util
 import json
+import numbers
 import os
 import re
 from functools import lru_cache
@@ -33,11 +35,57 @@ def corpus_names() -> list[str]:
     return [*EMBEDDED_CORPORA, *HUB_CORPORA]
 
 
+def _closest(name: str, names: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def check_corpus(name: str) -> None:
+    """Fail early on a corpus name that is neither known nor an existing file (no text is loaded)."""
+    if not isinstance(name, (str, os.PathLike)):
+        raise MPTError(f"corpus name {name!r} is not a string", f"use one of {', '.join(corpus_names())}")
+    name = os.fspath(name)
+    if name in corpus_names():
+        return
+    path = Path(name).expanduser()
+    if path.is_file():
+        return
+    what = "is a directory, not a text file" if path.is_dir() else "is neither a known corpus nor a file"
+    raise MPTError(f"unknown corpus {name!r}: it {what}",
+                   f"{_closest(name, corpus_names())}use one of {', '.join(corpus_names())}, "
+                   "or a path to a UTF-8 text file")
+
+
+def _read_corpus_file(path: Path) -> str:
+    """A local corpus as text; a binary or non-UTF-8 file names the offending byte, not a traceback."""
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:  # NUL is valid UTF-8 but never in a text corpus
+        raise MPTError(f"corpus file {path} looks binary, not text (NUL byte at offset {nul})",
+                       "pass a plain-text file; text in another encoding converts with "
+                       f"`iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8.txt`")
+    try:
+        text = data.decode("utf-8-sig")  # a leading BOM is harmless
+    except UnicodeDecodeError as err:
+        raise MPTError(f"corpus file {path} is not UTF-8: byte 0x{data[err.start]:02x} at offset {err.start} "
+                       "cannot be decoded",
+                       f"re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8.txt`"
+                       ) from None
+    if not text.strip():
+        raise MPTError(f"corpus file {path} is empty", "pass a text file with at least a few thousand words")
+    return text
+
+
 def _gensim_test_data() -> Path:
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
         raise MPTError("embedded corpora need the PyPI package 'gensim'", "pip install gensim")
     return Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data"
+
+
+def embedded_corpus_file(name: str) -> Path:
+    """The gensim file an embedded corpus is built from (what the results store fingerprints)."""
+    return _gensim_test_data() / {"embedded-wiki": _WIKI_DUMP, "embedded-news": _NEWS}[name]
 
 
 def _in_calibration(key: str) -> bool:
@@ -140,7 +188,9 @@ def _hub_text(name: str, split: str) -> str:
 def load_text(name: str, split: str = "eval") -> str:
     """The text of corpus `name` for `split` ('eval' or 'calibration'), documents joined by blank lines."""
     if split not in SPLITS:
-        raise MPTError(f"unknown split {split!r}", f"use one of {SPLITS}")
+        raise MPTError(f"unknown split {split!r}", f"{_closest(str(split), SPLITS)}use one of {', '.join(SPLITS)}")
+    check_corpus(name)
+    name = os.fspath(name)
     if name == "embedded-wiki":
         docs = [text for title, text in wiki_articles() if _in_calibration(title) == (split == "calibration")]
     elif name == "embedded-news":
@@ -150,13 +200,10 @@ def load_text(name: str, split: str = "eval") -> str:
         return _hub_text(name, split)
     else:
         path = Path(name).expanduser()
-        if not path.is_file():
-            raise MPTError(f"unknown corpus {name!r}",
-                           f"use one of {', '.join(corpus_names())}, or a path to a text file")
-        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip()]
-        if len(paragraphs) < 2:
-            return "\n\n".join(paragraphs)  # too small to split: the same text serves both
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", _read_corpus_file(path)) if p.strip()]
         docs = [p for p in paragraphs if _in_calibration(p) == (split == "calibration")]
+        if not docs or len(docs) == len(paragraphs):
+            return "\n\n".join(paragraphs)  # too small to split in two: the same text serves both
     return "\n\n".join(docs)
 
 
@@ -179,15 +226,27 @@ def eval_ids(tokenizer, name: str) -> torch.Tensor:
     return token_ids(tokenizer, name, "eval")
 
 
-def calibration_windows(tokenizer, name: str, n: int = 128, seqlen: int = 2048, seed: int = 0) -> torch.Tensor:
-    """`n` random windows of `seqlen` tokens from the calibration split, reproducible from `seed`."""
-    if n < 1 or seqlen < 2:
-        raise MPTError(f"need n >= 1 and seqlen >= 2 calibration tokens, got n={n}, seqlen={seqlen}",
+def calibration_windows(tokenizer, name: str, n: int = 128, seqlen: int = 2048, seed: int = 0, *,
+                        model: torch.nn.Module | None = None) -> torch.Tensor:
+    """`n` random windows of `seqlen` tokens from the calibration split, reproducible from `seed`.
+    With `model`, `seqlen` is also checked against its context length (the engine checks it anyway)."""
+    from mpt_utils.models import check_seqlen
+
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise MPTError(f"n={n!r} is not a positive number of calibration windows",
+                       "use e.g. n=128 (paper) or n=32 (embedded)")
+    n = int(n)
+    seqlen = check_seqlen(model, seqlen)
+    if seqlen < 2:
+        raise MPTError(f"seqlen={seqlen} is too short for a calibration window",
                        "use e.g. n=128, seqlen=2048 (paper) or n=32, seqlen=256 (embedded)")
+    check_corpus(name)
     ids = token_ids(tokenizer, name, "calibration")
-    if ids.numel() <= seqlen:
-        raise MPTError(f"calibration split of {name!r} has {ids.numel()} tokens, fewer than seqlen={seqlen}",
-                       "use a shorter seqlen or a larger corpus")
+    if ids.numel() <= seqlen:  # a random start needs at least one token beyond the window
+        have = ids.numel()
+        raise MPTError(f"calibration split of {name!r} has {have} tokens; a window of seqlen={seqlen} "
+                       f"needs at least {seqlen + 1}",
+                       f"pass seqlen <= {have - 1}, or a larger corpus" if have > 2 else "use a larger corpus")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

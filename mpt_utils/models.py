@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,14 +45,109 @@ class LoadedModel:
     info: ModelInfo
 
 
+# Names people type for an accelerator that torch spells differently.
+_DEVICE_ALIASES = {"gpu": "cuda", "nvidia": "cuda", "metal": "mps", "apple": "mps"}
+
+
+def available_devices() -> list[str]:
+    """Device names usable on this machine ("auto" picks the best of them)."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def _device_error(device: object, available: list[str], what: str) -> MPTError:
+    import difflib
+
+    text = str(device).strip().lower()
+    alias = _DEVICE_ALIASES.get(text)
+    if alias is not None and alias not in available:  # "gpu" on a CPU-only box: say why, suggest nothing
+        what += f" (torch calls it {alias!r}, which this machine lacks)"
+        close = None
+    else:
+        close = alias or next(iter(difflib.get_close_matches(text, available, n=1)), None)
+    hint = f"did you mean device={close!r}? " if close else ""
+    options = [repr(n) for n in [*available, "auto"]]
+    return MPTError(f"device {device!r} {what}; available here: {', '.join(available)}",
+                    f"{hint}pass device={', '.join(options[:-1])} or {options[-1]}")
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA when present, else CPU."""
-    if device is not None and str(device) != "auto":
+    """The requested device, else CUDA when present, else CPU. Every entry point resolves its device
+    here, so an unknown or absent device fails once, before any work, listing what exists."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = available_devices()
+    try:
         dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise MPTError(f"device {device!r} requested but CUDA is not available", "pass device='cpu'")
+    except (RuntimeError, TypeError, ValueError):
+        raise _device_error(device, available, "is not a device name") from None
+    if dev.type == "cpu":
         return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
+    elif dev.type == "mps":
+        ok = "mps" in available and (dev.index is None or dev.index == 0)
+    else:  # meta, xpu, ...: not something the suite runs on
+        ok = False
+    if not ok:
+        raise _device_error(device, available, "is not available on this machine")
+    return dev
+
+
+# Config fields that hold the context length, by model family (GGUF context_length lands in the first).
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length",
+                 "seq_length", "n_ctx")
+
+
+def model_context(model: torch.nn.Module) -> int | None:
+    """The longest sequence `model` was built for, from its config; None when the config does not say."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    values = [getattr(cfg, key, None) for key in _CONTEXT_KEYS]
+    context = next((v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+    if context is None:
+        return None
+    # RoPE scaling stretches the context; some configs keep the unscaled length next to the factor.
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)  # newer name first
+    if isinstance(rope, dict) and isinstance(rope.get("factor"), (int, float)) and rope["factor"] > 1:
+        base = rope.get("original_max_position_embeddings") or context
+        context = max(context, int(base * rope["factor"]))
+    return context
+
+
+def check_seqlen(model: torch.nn.Module | None, seqlen: object, name: str = "seqlen") -> int:
+    """`seqlen` as an int, checked to be positive and within the model's context: beyond it RoPE
+    models score positions they never saw and learned-position models (OPT) index past their table."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, numbers.Integral):  # numpy ints pass, 2048.0 not
+        raise MPTError(f"{name}={seqlen!r} is not a whole number of tokens", f"pass an integer, e.g. {name}=2048")
+    seqlen = int(seqlen)
+    if seqlen < 1:
+        raise MPTError(f"{name}={seqlen} must be a positive number of tokens", f"pass e.g. {name}=2048")
+    context = model_context(model) if model is not None else None
+    if context is not None and seqlen > context:
+        raise MPTError(f"{name}={seqlen} exceeds the model's context of {context} tokens",
+                       f"pass {name} <= {context}")
+    return seqlen
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Fail on NaN/inf weights before calibration, whose statistics would otherwise turn NaN and be
+    blamed (non-positive-definite Hessians, failed factorizations) on the calibration data."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            fix = ("values beyond float16's range become inf: load with dtype='bfloat16' or 'float32'"
+                   if param.dtype == torch.float16 else
+                   "the checkpoint is damaged or came from a diverged run: re-download or re-export it")
+            raise MPTError(f"model weights contain NaN/inf in {name} ({bad} of {param.numel()} values)", fix)
 
 
 def model_info(model: torch.nn.Module, name: str, source: str = "memory", path: str | None = None,
@@ -168,10 +264,19 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
-def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str | torch.dtype | None = None
-               ) -> LoadedModel:
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, device: str | None = None,
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
     """Load `spec`: an embedded name, a `.gguf` file, a local HF directory, or an HF hub id."""
-    dev = pick_device(device)
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise MPTError(f"model spec {spec!r} is not a name or path", f"pass e.g. {DEFAULT_MODEL!r} or a .gguf path")
+    loaded = _load(spec, pick_device(device), dtype)
+    check_finite_weights(loaded.model)
+    return loaded
+
+
+def _load(spec: str, dev: torch.device, dtype: str | torch.dtype | None) -> LoadedModel:
     torch_dtype = _dtype(dtype, dev)
     if spec.startswith("tiny-"):  # random tiny models for smoke tests: tiny-llama, tiny-qwen2, ...
         from mpt_utils.testing import ARCHS, tiny_model
@@ -197,9 +302,13 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
             return load_pruned(path, dev, torch_dtype)
         return _from_pretrained(str(path), path.name, "local", dev, torch_dtype, local_only=True)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        import difflib
+
+        close = difflib.get_close_matches(spec, list(EMBEDDED), n=1)
         raise MPTError(
             f"unknown model {spec!r}",
-            f"pass an embedded name ({', '.join(EMBEDDED)}), a .gguf file, a local HF directory, "
+            (f"did you mean {close[0]!r}? " if close else "")
+            + f"pass an embedded name ({', '.join(EMBEDDED)}), a .gguf file, a local HF directory, "
             "or a hub id like 'meta-llama/Llama-2-7b-hf'",
         )
     try:  # a cached hub model works offline

@@ -115,8 +115,13 @@ def trajectory(dims: Sequence[Dimension], sizes: Sequence[float], steps: int = 4
 
 def dimension_from_fit(name: str, fit, grid: Sequence[float] | None = None, margin: float = 0.0) -> Dimension:
     """A planner dimension from a `mpt_utils.ptp.PTPFit`: its prediction, and its PTP as the bound
-    (or the largest measured ratio when the fit found no PTP: we do not extrapolate past the data)."""
-    bound = float(fit.s0) if fit.has_ptp else float(np.max(fit.s))
+    (or the largest measured ratio when the fit found no PTP: we do not extrapolate past the data).
+    Without a PTP, a collapsed (censored) point also caps the bound: nothing at or past it is safe."""
+    s = np.asarray(fit.s, dtype=float)
+    censored = np.asarray(getattr(fit, "censored", np.zeros(s.shape, bool)), dtype=bool)
+    bound = float(fit.s0) if fit.has_ptp else float(np.max(s[~censored]))
+    if not fit.has_ptp and censored.any():
+        bound = min(bound, float(np.min(s[censored])))
     return Dimension(name, lambda s: fit.predict(s), bound, grid, margin)
 
 

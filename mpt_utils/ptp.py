@@ -23,7 +23,14 @@ How the fit works:
   large-sample rule n·log(RSS(s0)/RSS_min) ≤ χ²₁, which undercovers on 8-13 points (see `_ci`);
 - the piecewise law must beat both a pure power law (A·s^α + B) and a pure quadratic exponential
   exp(a + βs + γs²) on BIC, by `min_delta_bic`, with s0 inside the data and a real collapse after it,
-  before a PTP is reported. Otherwise the verdict is "no PTP in range": we never invent one.
+  before a PTP is reported. Otherwise the verdict is "no PTP in range": we never invent one;
+- collapsed points (PPL inf, NaN, or an overflow ≥ `collapse_ppl`) are the strongest evidence of a
+  transition, so they are kept as right-censored observations rather than dropped: the true log PPL
+  there is only known to exceed a bound c = log(`censor_factor` × the largest finite PPL of the curve).
+  Each censored point adds the one-sided residual min(f(s) − c, 0) to the least squares of every
+  model (a hard-bound Tobit likelihood): no cost while the model predicts at or above c, a squared
+  shortfall below it. The bound sits above the largest finite value (2× by default) because "at least
+  the largest finite value" cannot tell a collapse from a plateau: a flat law would meet it for free.
 """
 
 from __future__ import annotations
@@ -44,6 +51,17 @@ from mpt_utils.errors import MPTError
 AXES = ("sparsity", "bits")
 N_PARAMS = {"piecewise": 7, "power": 4, "exp": 4}  # fitted parameters + the noise variance
 ALPHA_INITS = (0.5, 1.0, 2.0, 4.0)
+# A finite PPL this large is an overflowing evaluation (NLL ≳ 14 nats/token, far worse than guessing
+# uniformly over any vocabulary here, ≤ 256k), not a measurement: it is censored like inf and NaN.
+COLLAPSE_PPL = 1e6
+CENSOR_FACTOR = 2.0  # a collapsed point's PPL is taken to be at least this × the curve's largest finite PPL
+
+
+def collapsed(y, collapse_ppl: float = COLLAPSE_PPL) -> np.ndarray:
+    """Mask of collapsed points: PPL inf, NaN or ≥ `collapse_ppl` (what the fit censors, plots mark)."""
+    y = np.asarray(y, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(y) | (y >= collapse_ppl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +152,19 @@ def _solve(residual, jac, start: np.ndarray) -> tuple[np.ndarray, float]:
     return u, float(np.sum(residual(u) ** 2))
 
 
-def _fit_power(s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float]) -> tuple[np.ndarray, float]:
+def _censor(r: np.ndarray, cens: np.ndarray | None) -> np.ndarray:
+    """Residuals model − target, where a censored point (target = its lower bound) only counts while
+    the model sits below the bound: the one-sided, Tobit-style penalty min(r, 0)."""
+    return r if cens is None else np.where(cens & (r > 0), 0.0, r)
+
+
+def _inactive(r: np.ndarray, cens: np.ndarray | None) -> np.ndarray | None:
+    """Rows of the Jacobian to zero: censored points the model already clears."""
+    return None if cens is None else cens & (r > 0)
+
+
+def _fit_power(s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float],
+               cens: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Pure power law on all points; returns (log A, α, log B) and the log-space RSS."""
 
     def unpack(t):
@@ -146,23 +176,41 @@ def _fit_power(s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float]) 
 
     def residual(t):
         log_a, alpha, log_b, _ = unpack(t)
-        r = _power_terms(log_a, alpha, log_b, log_s, log_s0)[0] - y
+        r = _censor(_power_terms(log_a, alpha, log_b, log_s, log_s0)[0] - y, cens)
         return r if math.isfinite(float(r.sum())) else np.full_like(r, 1e6)
 
     def jac(t):
         log_a, alpha, log_b, dadu = unpack(t)
-        _, share, d_alpha, share_b = _power_terms(log_a, alpha, log_b, log_s, log_s0)
-        return np.column_stack([share, d_alpha * dadu, share_b])
+        value, share, d_alpha, share_b = _power_terms(log_a, alpha, log_b, log_s, log_s0)
+        out = np.column_stack([share, d_alpha * dadu, share_b])
+        off = _inactive(value - y, cens)
+        if off is not None:
+            out[off] = 0.0
+        return out
 
     log_a, alpha, log_b = _power_init(s, y)
     theta, rss = _solve(residual, jac, np.array([log_a, _alpha_inverse(alpha, alpha_bounds), log_b]))
     return np.array([theta[0], _alpha(theta[1], alpha_bounds)[0], theta[2]]), rss
 
 
-def _fit_exp(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+def _fit_exp(s: np.ndarray, y: np.ndarray, cens: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Quadratic in log L: exact linear least squares, or from there Levenberg-Marquardt on the
+    one-sided residuals when some points are censored."""
     gamma, beta, a = np.polyfit(s, y, 2)
     theta = np.array([a, beta, gamma])
-    return theta, float(np.sum((_log_exp(theta, s) - y) ** 2))
+    if cens is not None:
+        design = np.column_stack([np.ones_like(s), s, s * s])
+
+        def residual(t):
+            return _censor(design @ t - y, cens)
+
+        def jac(t):
+            out = design.copy()
+            out[_inactive(design @ t - y, cens)] = 0.0
+            return out
+
+        theta, _ = _solve(residual, jac, theta)
+    return theta, float(np.sum(_censor(_log_exp(theta, s) - y, cens) ** 2))
 
 
 def _piecewise_start(s: np.ndarray, y: np.ndarray, s0: float) -> np.ndarray:
@@ -197,34 +245,49 @@ class _Profile:
     The collapse branch starts with log-slope β = (power-law log-slope at s0) + softplus(w) ≥ it:
     a phase transition steepens the curve. Without this the fit happily "explains" noise with a
     kink that flattens the curve, which is no collapse at all.
+
+    With censored points the branch is also kept non-decreasing up to the last ratio,
+    γ = softplus(v) − β/(2·(s_max − s0)): past the last finite point only lower bounds hold it, and
+    the fit would otherwise meet them with a branch that rises and comes back down (seen on a flat
+    curve ending in NaN). Without censoring the finite points pin the branch and γ is free.
     """
 
-    def __init__(self, s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float]):
-        self.s, self.y, self.bounds = s, y, alpha_bounds
+    def __init__(self, s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float],
+                 cens: np.ndarray | None = None):
+        self.s, self.y, self.bounds, self.cens = s, y, alpha_bounds, cens
         self.seen: dict[float, tuple[float, np.ndarray]] = {}
 
     def _model(self, s0: float):
         """Residual, Jacobian and θ <-> u maps at this s0. Arrays hold ~10 points, where each numpy call
         costs more than its arithmetic, so the code keeps the number of array operations small."""
-        s, y, pre = self.s, self.y, self.s <= s0
+        s, y, cens, pre = self.s, self.y, self.cens, self.s <= s0
         d = np.where(pre, 0.0, s - s0)
         d2 = d * d
         clamped = np.where(pre, s, s0)  # past s0 the power-law part is frozen at its value at s0
         log_s = _log_s(clamped)
         log_s0 = np.where(clamped > 0, log_s, 0.0)
         ls0 = math.log(s0)
+        mono = cens is not None
+        half = 0.5 / (float(s.max()) - s0) if mono else 0.0  # the grid keeps s0 below the last ratio
+        e = d - half * d2  # d·β + d²·γ = e·β + d²·g with γ = g − β·half
         cols = np.empty((s.size, 5))
         cols[:, 4] = d2
+
+        def g(u):
+            return _softplus(u[4]) if mono else u[4]
 
         def scalars(u):
             alpha, dadu = _alpha(u[1], self.bounds)
             slope, share0 = _kink_slope(u[0], alpha, u[2], s0)
             return alpha, dadu, slope, share0, slope + _softplus(u[3])
 
-        def residual(u):
+        def raw(u):
             alpha, _, _, _, beta = scalars(u)
             with np.errstate(invalid="ignore", over="ignore"):
-                r = np.logaddexp(log_a_s(u, alpha), u[2]) - y + d * (beta + u[4] * d)
+                return np.logaddexp(log_a_s(u, alpha), u[2]) - y + e * beta + d2 * g(u)
+
+        def residual(u):
+            r = _censor(raw(u), cens)
             return r if math.isfinite(float(r.sum())) else np.full_like(r, 1e6)  # a wild lm step
 
         def log_a_s(u, alpha):
@@ -235,21 +298,26 @@ class _Profile:
             z = log_a_s(u, alpha)
             with np.errstate(invalid="ignore", over="ignore"):
                 share = np.exp(z - np.logaddexp(z, u[2]))  # A·s^α / (A·s^α + B)
-            curv = d * (share0 * (1.0 - share0) * alpha / s0)  # d·∂slope/∂log A = −d·∂slope/∂log B
+            curv = e * (share0 * (1.0 - share0) * alpha / s0)  # e·∂slope/∂log A = −e·∂slope/∂log B
             cols[:, 0] = share + curv
-            cols[:, 1] = (share * log_s0 + d * ((share0 + alpha * share0 * (1.0 - share0) * ls0) / s0)) * dadu
+            cols[:, 1] = (share * log_s0 + e * ((share0 + alpha * share0 * (1.0 - share0) * ls0) / s0)) * dadu
             cols[:, 2] = 1.0 - share - curv
-            cols[:, 3] = d * (0.5 * (1.0 + math.tanh(0.5 * u[3])))
-            return cols.copy()
+            cols[:, 3] = e * (0.5 * (1.0 + math.tanh(0.5 * u[3])))
+            if mono:
+                cols[:, 4] = d2 * (0.5 * (1.0 + math.tanh(0.5 * u[4])))
+            out = cols.copy()
+            if cens is not None:
+                out[_inactive(raw(u), cens)] = 0.0
+            return out
 
         def to_theta(u):
             alpha, _, _, _, beta = scalars(u)
-            return np.array([u[0], alpha, u[2], beta, u[4]])
+            return np.array([u[0], alpha, u[2], beta, g(u) - beta * half])
 
         def to_u(t):
             slope, _ = _kink_slope(t[0], t[1], t[2], s0)
             return np.array([t[0], _alpha_inverse(t[1], self.bounds), t[2],
-                             _softplus_inverse(t[3] - slope), t[4]])
+                             _softplus_inverse(t[3] - slope), _softplus_inverse(t[4] + t[3] * half) if mono else t[4]])
 
         return residual, jac, to_theta, to_u
 
@@ -318,9 +386,12 @@ def _information(rss: float, n: int, k: int, floor: float) -> tuple[float, float
 class PTPFit:
     """One fitted curve. `s0`/`s0_ci` are on the compression-ratio axis; `ptp_bits` on the bit axis.
 
-    `rss` and `r2` describe the piecewise (eq. 5) fit in log space; `rss_models`, `aic` (AICc) and
-    `bic` hold every model. `model` is what `predict` uses: "piecewise" when a PTP is reported, else
-    the BIC-preferred simple model, or "none" when there were too few points for eq. 5 (no line drawn).
+    `rss` describes the piecewise (eq. 5) fit in log space (censored shortfalls included), `r2` the
+    same fit on the finite points only; `rss_models`, `aic` (AICc) and `bic` hold every model. `model`
+    is what `predict` uses: "piecewise" when a PTP is reported, else the BIC-preferred simple model,
+    or "none" when there were too few points for eq. 5 (no line drawn). `n_points` counts every point
+    fitted, `n_censored` the collapsed ones among them; `y` holds the PPL each point was fitted to,
+    which for a censored point (`censored`) is the lower bound `censor_bound`.
     """
 
     params: dict[str, float]
@@ -333,7 +404,7 @@ class PTPFit:
     aic: dict[str, float]
     bic: dict[str, float]
     n_points: int
-    n_dropped: int
+    n_censored: int
     axis: str
     baseline_bits: float = 16.0
     model: str = "none"
@@ -344,6 +415,8 @@ class PTPFit:
     thetas: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # log-space vectors per model
     s: np.ndarray = field(default_factory=lambda: np.array([]), repr=False)
     y: np.ndarray = field(default_factory=lambda: np.array([]), repr=False)
+    censored: np.ndarray = field(default_factory=lambda: np.array([], dtype=bool), repr=False)
+    censor_bound: float = math.nan  # PPL lower bound of the censored points (nan when none)
 
     @property
     def ptp_bits(self) -> float | None:
@@ -383,17 +456,81 @@ class PTPFit:
 # the fit
 # ----------------------------------------------------------------------------------------------
 
-def _clean(x, y, axis: str, baseline_bits: float) -> tuple[np.ndarray, np.ndarray, int]:
+def _check_options(min_pre: int, min_post: int, per_gap: int, alpha_bounds: tuple[float, float],
+                   noise_floor: float, level: float, ci: str, collapse_ppl: float, censor_factor: float) -> None:
+    if min_pre < 1 or min_post < 1 or per_gap < 1:
+        raise MPTError(f"min_pre={min_pre}, min_post={min_post}, per_gap={per_gap}: each must be ≥ 1",
+                       "keep the defaults (2, 2, 4) unless you need another s0 grid")
+    if not 0 < alpha_bounds[0] < alpha_bounds[1]:
+        raise MPTError(f"alpha_bounds={alpha_bounds} is not an interval of positive values", "pass e.g. (0.1, 5.0)")
+    if not (noise_floor >= 0 and 0 < level < 1):
+        raise MPTError(f"noise_floor={noise_floor}, level={level}", "pass noise_floor ≥ 0 and level in (0, 1)")
+    if ci not in ("f", "chi2"):
+        raise MPTError(f"unknown ci method {ci!r}", "use 'f' or 'chi2'")
+    if not (collapse_ppl > 0 and censor_factor >= 1):
+        raise MPTError(f"collapse_ppl={collapse_ppl}, censor_factor={censor_factor}",
+                       "pass collapse_ppl > 0 and censor_factor ≥ 1 (the bound must not undercut a finite point)")
+
+
+def _as_floats(values, name: str) -> np.ndarray:
+    try:
+        return np.asarray(values, dtype=float).ravel()
+    except (TypeError, ValueError):
+        raise MPTError(f"{name} is not a sequence of numbers", f"pass {name} as numbers, e.g. a list or array") from None
+
+
+def _validate(x, y, axis: str, baseline_bits: float) -> tuple[np.ndarray, np.ndarray]:
+    """Reject what cannot be a compression curve before any fitting, one clear error each."""
     if axis not in AXES:
         raise MPTError(f"unknown axis {axis!r}", f"use one of: {', '.join(AXES)}")
-    x = np.asarray(x, dtype=float).ravel()
-    y = np.asarray(y, dtype=float).ravel()
+    x, y = _as_floats(x, "x"), _as_floats(y, "y")
     if x.shape != y.shape:
         raise MPTError(f"x has {x.size} values but y has {y.size}", "pass one y per x")
+    if x.size == 0:
+        raise MPTError("no points to fit", "pass the curve's (x, PPL) points; eq. 5 needs at least 7")
+    if not np.isfinite(x).all():
+        i = int(np.flatnonzero(~np.isfinite(x))[0])
+        raise MPTError(f"x[{i}]={x[i]} is not a finite number", "drop the points whose ratio or bit width is unknown")
+    if axis == "sparsity":
+        bad = (x < 0) | (x >= 1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            hint = " (these look like bit widths: pass axis='bits')" if (x >= 1).all() else ""
+            raise MPTError(f"x[{i}]={x[i]:g} is outside [0, 1) on the sparsity axis ({int(bad.sum())} of {x.size} "
+                           "points)", f"pass compression ratios (sparsity) in [0, 1){hint}")
+    else:
+        if not (math.isfinite(baseline_bits) and baseline_bits > 0):
+            raise MPTError(f"baseline_bits={baseline_bits} is not a positive number", "pass e.g. 16 (FP16)")
+        if (x <= 0).any():
+            i = int(np.flatnonzero(x <= 0)[0])
+            raise MPTError(f"x[{i}]={x[i]:g} bits per weight is not positive", "pass bit widths > 0, e.g. 2, 3, 4, 8, 16")
+    with np.errstate(invalid="ignore"):
+        bad = y <= 0  # NaN is a collapse (censored), a zero or negative PPL is a bug upstream
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise MPTError(f"y[{i}]={y[i]:g} (at x={x[i]:g}) is not a positive perplexity",
+                       "pass PPL values > 0; mark a collapsed run as inf or NaN, not 0 or a negative number")
+    return x, y
+
+
+def _prepare(x, y, axis: str, baseline_bits: float, collapse_ppl: float, censor_factor: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Sorted ratios s, log-PPL targets, the censored mask and the censoring bound (log; nan if none).
+    Repeated ratios are kept as replicates (e.g. seeds): each point adds its own residual."""
+    x, y = _validate(x, y, axis, baseline_bits)
     s = bits_to_ratio(x, baseline_bits) if axis == "bits" else x
-    keep = np.isfinite(s) & np.isfinite(y) & (y > 0)  # a collapsed run (inf/NaN PPL) says nothing we can fit
-    order = np.argsort(s[keep], kind="stable")
-    return s[keep][order], np.log(y[keep][order]), int((~keep).sum())
+    cens = collapsed(y, collapse_ppl)
+    if cens.all():
+        raise MPTError(f"all {y.size} points collapsed (PPL inf, NaN or ≥ {collapse_ppl:g})",
+                       "include the finite points at lower compression: the collapse is measured against them")
+    if np.unique(s).size < 2:
+        raise MPTError(f"all {s.size} points sit at one compression ratio (x={x[0]:g})",
+                       "pass a curve: points at several compression ratios (eq. 5 needs at least 7)")
+    ly = np.log(np.where(cens, 1.0, y))
+    bound = float(ly[~cens].max() + math.log(censor_factor)) if cens.any() else math.nan
+    ly[cens] = bound
+    order = np.argsort(s, kind="stable")
+    return s[order], ly[order], cens[order], bound
 
 
 def _ci(profile: _Profile, grid: np.ndarray, s0: float, rss_min: float, n: int, floor: float,
@@ -445,34 +582,46 @@ def _collapses(theta: np.ndarray, s0: float, s_max: float) -> bool:
 def fit_ptp(x, y, *, axis: str = "sparsity", baseline_bits: float = 16.0, min_pre: int = 2,
             min_post: int = 2, per_gap: int = 4, alpha_bounds: tuple[float, float] = (0.1, 5.0),
             noise_floor: float = 5e-3, min_delta_bic: float = 2.0, level: float = 0.95,
-            ci: str = "f") -> PTPFit:
+            ci: str = "f", collapse_ppl: float = COLLAPSE_PPL, censor_factor: float = CENSOR_FACTOR) -> PTPFit:
     """Fit eq. 5 (continuous form) to a PPL-vs-compression curve and decide whether it has a PTP.
 
-    x: sparsity / compression ratio in [0, 1) (axis="sparsity") or bits per weight (axis="bits",
-    converted to s = 1 − bits/baseline_bits). y: perplexity (any positive metric that rises with
-    damage). Non-finite or non-positive points are dropped and counted in `n_dropped`.
+    x: sparsity / compression ratio in [0, 1) (axis="sparsity") or bits per weight > 0 (axis="bits",
+    converted to s = 1 − bits/baseline_bits; a point above the baseline, e.g. an F16 file whose F32
+    norms give 16.003 bits/weight, counts as uncompressed). y: perplexity (any positive metric that
+    rises with damage). A collapsed point (y inf, NaN, or ≥ `collapse_ppl`) is kept as a censored
+    observation: its log PPL is only known to exceed log(`censor_factor` × the largest finite PPL),
+    and it costs a model something only where the model predicts below that bound (module doc).
+    Repeated x values are replicates (e.g. two GGUF schemes of one size): each adds its own residual
+    and counts as a point, while the s0 grid uses distinct ratios. Invalid input (x off its axis,
+    y ≤ 0, lengths that differ, fewer than two distinct ratios, nothing finite) raises MPTError;
+    fewer than 7 points (or 3 distinct ratios) give a "too few points" verdict, as eq. 5 needs 7.
     `noise_floor` (log-space std) keeps a perfect fit of a few points from claiming infinite
     evidence; `min_delta_bic` = 2 is the usual "positive evidence" margin on BIC.
     """
-    s, ly, n_dropped = _clean(x, y, axis, baseline_bits)
-    n = int(s.size)
+    _check_options(min_pre, min_post, per_gap, alpha_bounds, noise_floor, level, ci, collapse_ppl, censor_factor)
+    s, ly, censored, bound = _prepare(x, y, axis, baseline_bits, collapse_ppl, censor_factor)
+    n, n_cens = int(s.size), int(censored.sum())
+    cens = censored if n_cens else None  # None: the plain least squares, no censoring bookkeeping
+    uniq = np.unique(s)
     floor = noise_floor ** 2
     nan_params = dict.fromkeys(("A", "alpha", "B", "s0", "beta", "gamma"), math.nan)
-    base = dict(n_points=n, n_dropped=n_dropped, axis=axis, baseline_bits=baseline_bits, s=s, y=np.exp(ly))
-    if n < 3:
+    base = dict(n_points=n, n_censored=n_cens, axis=axis, baseline_bits=baseline_bits, s=s, y=np.exp(ly),
+                censored=censored, censor_bound=math.exp(bound) if n_cens else math.nan)
+    note = f"; {n_cens} collapsed point(s) censored at PPL ≥ {math.exp(bound):.4g}" if n_cens else ""
+    if uniq.size < 3:
         return PTPFit(params=nan_params, s0=math.nan, s0_ci=(math.nan, math.nan), has_ptp=False,
-                      verdict=f"too few points (n={n}) to fit: no PTP claimed", rss=math.nan, r2=math.nan,
-                      aic={}, bic={}, **base)
+                      verdict=f"too few points (n={n}, {uniq.size} distinct) to fit: no PTP claimed{note}",
+                      rss=math.nan, r2=math.nan, aic={}, bic={}, **base)
 
-    fits: dict[str, tuple[np.ndarray, float]] = {"exp": _fit_exp(s, ly), "power": _fit_power(s, ly, alpha_bounds)}
+    fits: dict[str, tuple[np.ndarray, float]] = {"exp": _fit_exp(s, ly, cens),
+                                                 "power": _fit_power(s, ly, alpha_bounds, cens)}
     simple = {"power": dict(zip(("A", "alpha", "B"), (math.exp(fits["power"][0][0]), fits["power"][0][1],
                                                       math.exp(fits["power"][0][2])))),
               "exp": dict(zip(("a", "beta", "gamma"), map(float, fits["exp"][0])))}
-    uniq = np.unique(s)
     grid = _s0_grid(uniq, min_pre, min_post, per_gap)
     s0, s0_ci, theta, flat = math.nan, (math.nan, math.nan), None, None
     if grid.size and n > N_PARAMS["piecewise"] - 1:  # 6 parameters: with n ≤ 6 points eq. 5 interpolates
-        profile = _Profile(s, ly, alpha_bounds)
+        profile = _Profile(s, ly, alpha_bounds, cens)
         s0, flat = _best_s0(profile, grid, scale=n * floor)
         rss_pw, theta = profile(s0)
         fits["piecewise"] = (theta, rss_pw)
@@ -482,12 +631,11 @@ def fit_ptp(x, y, *, axis: str = "sparsity", baseline_bits: float = 16.0, min_pr
     for name, (_, rss) in fits.items():
         aic[name], bic[name] = _information(rss, n, N_PARAMS[name], floor)
     best_simple = min(("power", "exp"), key=lambda m: bic[m])
-    tss = float(np.sum((ly - ly.mean()) ** 2))
 
     if theta is None:
         return PTPFit(params=nan_params, s0=math.nan, s0_ci=s0_ci, has_ptp=False,
-                      verdict=f"too few points (n={n}) for eq. 5, which needs ≥ 7 with ≥ {min_pre} before "
-                              f"and ≥ {min_post} after s0: no PTP claimed", rss=math.nan,
+                      verdict=f"too few points (n={n}, {uniq.size} distinct) for eq. 5, which needs ≥ 7 with "
+                              f"≥ {min_pre} before and ≥ {min_post} after s0: no PTP claimed{note}", rss=math.nan,
                       r2=math.nan, aic=aic, bic=bic, model="none",
                       rss_models={m: f[1] for m, f in fits.items()}, simple_params=simple,
                       thetas={m: f[0] for m, f in fits.items()}, **base)
@@ -502,11 +650,14 @@ def fit_ptp(x, y, *, axis: str = "sparsity", baseline_bits: float = 16.0, min_pr
                        baseline_bits)
     if flat is not None:
         verdict += f" [flat profile: s0 not identified within {flat[0]:.3f}–{flat[1]:.3f}]"
-    return PTPFit(params=params, s0=s0, s0_ci=s0_ci, has_ptp=has_ptp, verdict=verdict, rss=fits["piecewise"][1],
-                  r2=1.0 - fits["piecewise"][1] / tss if tss > 0 else math.nan, aic=aic, bic=bic,
-                  model="piecewise" if has_ptp else best_simple, delta_bic=float(delta), s0_flat=flat,
-                  rss_models={m: f[1] for m, f in fits.items()}, simple_params=simple,
-                      thetas={m: f[0] for m, f in fits.items()}, **base)
+    finite = ~censored  # R² is only defined where a value was measured
+    resid = _log_piecewise(theta, s[finite], s0) - ly[finite]
+    tss = float(np.sum((ly[finite] - ly[finite].mean()) ** 2))
+    return PTPFit(params=params, s0=s0, s0_ci=s0_ci, has_ptp=has_ptp, verdict=verdict + note,
+                  rss=fits["piecewise"][1], r2=1.0 - float(resid @ resid) / tss if tss > 0 else math.nan,
+                  aic=aic, bic=bic, model="piecewise" if has_ptp else best_simple, delta_bic=float(delta),
+                  s0_flat=flat, rss_models={m: f[1] for m, f in fits.items()}, simple_params=simple,
+                  thetas={m: f[0] for m, f in fits.items()}, **base)
 
 
 def _verdict(has_ptp: bool, delta: float, margin: float, best_simple: str, inside: bool, collapse: bool,
@@ -601,7 +752,7 @@ def ptp_table(curves: Mapping[str, Iterable[Curve]], claims: pd.DataFrame,
             native = fit.ptp_bits if fit.axis == "bits" else fit.s0
             native_ci = fit.ptp_bits_ci if fit.axis == "bits" else fit.s0_ci
             rows.append({"family": family, "curve": label, "axis": fit.axis, "n": fit.n_points,
-                         "dropped": fit.n_dropped, "s0": fit.s0, "s0_lo": fit.s0_ci[0], "s0_hi": fit.s0_ci[1],
+                         "censored": fit.n_censored, "s0": fit.s0, "s0_lo": fit.s0_ci[0], "s0_hi": fit.s0_ci[1],
                          "ptp": native if fit.has_ptp else math.nan,
                          "ptp_lo": native_ci[0] if fit.has_ptp else math.nan,
                          "ptp_hi": native_ci[1] if fit.has_ptp else math.nan,

@@ -1,45 +1,71 @@
-"""`make reproduce`: run every notebook of a profile through papermill into reports/, with HTML and
-an index page. Results come from the store, so a rerun after an interruption resumes."""
+"""`make reproduce`: run every notebook of a profile through papermill into reports/<profile>/, with
+HTML, results.csv and an index page. Results come from the store, so a rerun after an interruption
+resumes.
+
+Before any work: the profile is resolved and validated against the notebooks' `parameters` cells
+(schema and rules: `mpt_utils/profiles_schema.py`), and the --results / --reports folders are
+created and proven writable.
+
+One notebook cannot stop the others: a failing cell, a dead kernel (native crash, OOM kill) or any
+other error while executing or exporting it marks that notebook failed with the reason, keeps what
+it executed (.ipynb + .html), and the run goes on. results.csv and index.html are always written,
+also after Ctrl-C. Exit codes: 0 all notebooks ok, 1 some failed, 2 bad input or a filesystem fault
+(one line on stderr), 130 Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import html
-import json
+import os
+import sys
+import tempfile
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from mpt_utils.errors import MPTError, cli_main
+from mpt_utils.errors import MPTError, cli_main, describe_os_error
+from mpt_utils.profiles_schema import ParamSpec, Profile, load_checked_profile, resolve_profile
 from mpt_utils.store import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = REPO / "notebooks"
+# Output storage is broken: every later notebook would fail the same way, so the run stops.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def load_profile(name: str) -> dict[str, Any]:
-    """A profile is a JSON parameter set: `common` parameters plus per-notebook overrides."""
-    path = Path(name)
-    if not path.suffix:
-        candidates = [p.name.removesuffix(".json") for p in resources.files("mpt_utils.profiles").iterdir()
-                      if p.name.endswith(".json")]
-        if name not in candidates:
-            raise MPTError(f"unknown profile {name!r}", f"use one of: {', '.join(sorted(candidates))}")
-        return json.loads(resources.files("mpt_utils.profiles").joinpath(f"{name}.json").read_text())
-    if not path.exists():
-        raise MPTError(f"profile file {path} does not exist", "pass a profile name or an existing JSON file")
-    return json.loads(path.read_text())
+    """A profile as a plain dict (`common`, `notebooks`, `run`), inheritance applied."""
+    return resolve_profile(name).as_dict()
 
 
-def notebook_parameters(profile: dict[str, Any], notebook: str, dirs: dict[str, str]) -> dict[str, Any]:
-    params = {**profile.get("common", {}), **profile["notebooks"].get(notebook, {}), **dirs}
-    return params
+def _storage_fault(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in STORAGE_ERRNOS
 
 
-def _declared_parameters(path: Path) -> set[str]:
-    import papermill
+def prepare_folder(path: Path, option: str) -> Path:
+    """Create `path` and prove it writable now, so a bad --results / --reports fails before any work."""
+    if path.exists() and not path.is_dir():
+        raise MPTError(f"{option} {path} is a file, not a folder", f"pass a folder to {option} (created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-probe.")
+        try:
+            os.write(fd, b"probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise MPTError(f"{option} {path} cannot be written: {describe_os_error(err, with_fix=False)}",
+                       f"pass a writable folder to {option}") from None
+    return path
 
-    return set(papermill.inspect_notebook(str(path)).keys())
+
+def running_path(out_dir: Path, notebook: str) -> Path:
+    """Where papermill writes a notebook while it runs (progressively, cell by cell)."""
+    return out_dir / f".{notebook}.running.ipynb"
 
 
 def to_html(notebook: Path, out: Path) -> None:
@@ -50,40 +76,93 @@ def to_html(notebook: Path, out: Path) -> None:
     atomic_write_text(out, body)
 
 
-def run_notebook(src: Path, out_dir: Path, params: dict[str, Any], kernel: str = "python3") -> dict[str, Any]:
-    import papermill
+def _keep_notebook(src: Path, running: Path, out_nb: Path, note: str) -> None:
+    """Move what papermill saved to `out_nb`, with `note` (why it stopped) as a first markdown cell.
+    If nothing readable was saved (the kernel never started, the file was cut short), keep the
+    unexecuted source with the note, so the report still links to something."""
+    import nbformat
 
-    declared = _declared_parameters(src)
-    used = {k: v for k, v in params.items() if k in declared}
-    out_nb = out_dir / src.name
-    tmp_nb = out_dir / f".{src.stem}.running.ipynb"
-    start = time.perf_counter()
-    status = "ok"
-    error = ""
     try:
-        papermill.execute_notebook(str(src), str(tmp_nb), parameters=used, kernel_name=kernel,
-                                   cwd=str(REPO), progress_bar=False, log_output=False)
-    except papermill.PapermillExecutionError as err:
-        status, error = "failed", f"{err.ename}: {err.evalue}"
-    tmp_nb.replace(out_nb)  # the executed (or partially executed) notebook, kept either way
-    to_html(out_nb, out_nb.with_suffix(".html"))
-    return {"notebook": src.stem, "status": status, "error": error,
-            "seconds": round(time.perf_counter() - start, 1), "ipynb": out_nb.name,
-            "html": out_nb.with_suffix(".html").name}
+        nb = nbformat.read(running, as_version=4)
+    except Exception:  # missing or truncated: any reader error means "nothing usable"
+        nb = nbformat.read(src, as_version=4)
+        note = (note + "\n\n" if note else "") + "No executed output was saved; this is the source notebook."
+    if note:
+        cell = nbformat.v4.new_markdown_cell(f"**reproduce:** {note}")
+        cell.metadata["tags"] = ["mpt-reproduce-note"]
+        nb.cells.insert(0, cell)
+    atomic_write_text(out_nb, nbformat.writes(nb))
+    running.unlink(missing_ok=True)
 
 
-def write_index(out_dir: Path, profile: str, runs: list[dict[str, Any]]) -> Path:
+def _first_line(text: str, limit: int = 300) -> str:
+    line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def run_notebook(src: Path, out_dir: Path, params: dict[str, Any], kernel: str = "python3",
+                 cwd: Path = REPO) -> dict[str, Any]:
+    """Execute one notebook; never raises for what happens inside it. Returns its index row:
+    status "ok", "failed" or "interrupted" (Ctrl-C), with the reason in `error`. A storage fault
+    (disk full, read-only) is raised after the partial notebook is kept where possible."""
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+
+    out_nb, running = out_dir / src.name, running_path(out_dir, src.stem)
+    running.unlink(missing_ok=True)  # stale, from a run that was killed
+    start = time.perf_counter()
+    status, error, note, raised = "ok", "", "", None
+    try:
+        papermill.execute_notebook(str(src), str(running), parameters=params, kernel_name=kernel,
+                                   cwd=str(cwd), progress_bar=False, log_output=False)
+    except papermill.PapermillExecutionError as err:  # papermill marks the failing cell itself
+        status, error = "failed", _first_line(f"{err.ename}: {err.evalue}")
+    except DeadKernelError as err:
+        status, error = "failed", f"kernel died (DeadKernelError): {_first_line(err) or 'no reason given'}"
+        note = f"the kernel died while running this notebook ({_first_line(err)}); output up to that point is kept."
+    except KeyboardInterrupt:
+        status, error, note = "interrupted", "stopped by Ctrl-C", "stopped by Ctrl-C; output up to that point is kept."
+    except Exception as err:  # anything else (engine, nbformat, I/O): this notebook's failure, not the run's
+        status, error = "failed", _first_line(f"{type(err).__name__}: {err}")
+        note = f"execution stopped: {error}"
+        raised = err if _storage_fault(err) else None
+    html_name = out_nb.with_suffix(".html").name
+    try:
+        _keep_notebook(src, running, out_nb, note)
+        to_html(out_nb, out_dir / html_name)
+    except Exception as err:
+        if _storage_fault(err):
+            raised = raised or err
+        reason = _first_line(f"saving the report failed ({type(err).__name__}): {err}")
+        status, error = ("failed", reason) if status == "ok" else (status, f"{error}; {reason}")
+        if not (out_dir / html_name).exists():
+            html_name = ""
+    row = {"notebook": src.stem, "status": status, "error": error,
+           "seconds": round(time.perf_counter() - start, 1), "ipynb": out_nb.name if out_nb.exists() else "",
+           "html": html_name}
+    if raised is not None:
+        raised.mpt_row = row  # type: ignore[attr-defined]  # the caller still lists it in the index
+        raise raised
+    return row
+
+
+def write_index(out_dir: Path, profile: str, runs: list[dict[str, Any]], note: str = "") -> Path:
+    def link(name: str, text: str) -> str:
+        return f"<a href='{html.escape(name)}'>{html.escape(text)}</a>" if name else html.escape(text)
+
     rows = "\n".join(
-        f"<tr><td><a href='{html.escape(r['html'])}'>{html.escape(r['notebook'])}</a></td>"
-        f"<td><a href='{html.escape(r['ipynb'])}'>ipynb</a></td><td>{r['status']}</td>"
-        f"<td>{r['seconds']}</td><td>{html.escape(r['error'])}</td></tr>" for r in runs)
+        f"<tr><td>{link(r['html'], r['notebook'])}</td><td>{link(r['ipynb'], 'ipynb' if r['ipynb'] else '')}</td>"
+        f"<td>{html.escape(r['status'])}</td><td>{r['seconds']}</td><td>{html.escape(r['error'])}</td></tr>"
+        for r in runs)
     figures = sorted((out_dir / "figures").glob("*.png"))
-    thumbs = "\n".join(f"<figure><img src='figures/{f.name}' width='420'><figcaption>{f.stem}</figcaption>"
-                       f"</figure>" for f in figures)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>MPT reports ({profile})</title>"
+    thumbs = "\n".join(f"<figure><img src='figures/{html.escape(f.name)}' width='420'>"
+                       f"<figcaption>{html.escape(f.stem)}</figcaption></figure>" for f in figures)
+    counts = ", ".join(f"{sum(r['status'] == s for r in runs)} {s}" for s in dict.fromkeys(r["status"] for r in runs))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>MPT reports ({html.escape(profile)})</title>"
             "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px}"
             "figure{display:inline-block;margin:8px}</style></head><body>"
-            f"<h1>MPT suite reports: profile <code>{profile}</code></h1>"
+            f"<h1>MPT suite reports: profile <code>{html.escape(profile)}</code></h1>"
+            f"<p>{html.escape(counts)}{'. ' + html.escape(note) if note else ''}</p>"
             "<table><tr><th>notebook</th><th>executed</th><th>status</th><th>seconds</th><th>error</th></tr>"
             f"{rows}</table><p>Tidy results: <a href='results.csv'>results.csv</a></p>"
             f"<h2>Figures</h2>{thumbs}</body></html>")
@@ -92,46 +171,104 @@ def write_index(out_dir: Path, profile: str, runs: list[dict[str, Any]]) -> Path
     return index
 
 
+def _finish(out_dir: Path, store_dir: Path, name: str, runs: list[dict[str, Any]], note: str) -> Path:
+    """results.csv then index.html, from whatever ran."""
+    from mpt_utils.store import ResultsStore
+
+    try:
+        ResultsStore(store_dir).export_csv(out_dir / "results.csv")
+    except Exception as err:
+        if _storage_fault(err):
+            raise
+        note = f"{note} results.csv not written: {_first_line(f'{type(err).__name__}: {err}')}".strip()
+        print(f"[reproduce] {note}", flush=True)
+    return write_index(out_dir, name, runs, note)
+
+
+def run_profile(profile: Profile, declared: dict[str, dict[str, ParamSpec]], notebooks_dir: Path,
+                out_dir: Path, store_dir: Path, kernel: str = "python3") -> tuple[list[dict[str, Any]], Path]:
+    """Run the profile's selected notebooks into `out_dir`; returns the index rows and the index path.
+    Ctrl-C writes the index of what ran, then re-raises KeyboardInterrupt with the index path."""
+    selected = profile.selected()
+    for nb in selected:
+        running_path(out_dir, nb).unlink(missing_ok=True)
+    dirs = {"store_dir": str(store_dir), "figures_dir": str(out_dir / "figures"), "profile": profile.name}
+    runs: list[dict[str, Any]] = []
+    note, stop = "", None
+    started = time.perf_counter()
+    try:
+        for i, nb in enumerate(selected, 1):
+            params = {k: v for k, v in {**profile.parameters(nb), **dirs}.items() if k in declared[nb]}
+            print(f"[reproduce] {nb} ({i}/{len(selected)}) ...", flush=True)
+            try:
+                run = run_notebook(notebooks_dir / f"{nb}.ipynb", out_dir, params, kernel=kernel)
+            except OSError as err:  # storage fault: record it, write what can be written, stop
+                if hasattr(err, "mpt_row"):
+                    runs.append(err.mpt_row)
+                stop = err
+                break
+            runs.append(run)
+            tail = f": {run['error']}" if run["error"] else ""
+            print(f"[reproduce] {nb}: {run['status']} in {run['seconds']} s{tail}", flush=True)
+            if run["status"] == "interrupted":
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        stop = KeyboardInterrupt()
+    done = {r["notebook"] for r in runs}
+    runs += [{"notebook": nb, "status": "not run", "error": "", "seconds": 0, "ipynb": "", "html": ""}
+             for nb in selected if nb not in done]
+    if isinstance(stop, KeyboardInterrupt):
+        note = "Stopped by Ctrl-C; rerun to resume (finished points are in the store)."
+    elif stop is not None:
+        note = f"Stopped: {describe_os_error(stop)}."
+    try:
+        index = _finish(out_dir, store_dir, profile.name, runs, note)
+    except OSError:
+        if stop is not None:
+            raise stop from None  # the first fault is the one to report
+        raise
+    print(f"[reproduce] {len(selected)} notebook(s) in {time.perf_counter() - started:.1f} s; reports: {index}",
+          flush=True)
+    if isinstance(stop, KeyboardInterrupt):
+        raise KeyboardInterrupt(f"reports of what ran: {index}; rerun to resume")
+    if stop is not None:
+        raise stop
+    return runs, index
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", default="embedded")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="embedded", help="built-in profile name or path to a JSON profile")
     parser.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to run")
     parser.add_argument("--reports", default=str(REPO / "reports"))
     parser.add_argument("--results", default=str(REPO / "results"))
+    parser.add_argument("--notebooks", default=str(NOTEBOOKS), help="folder of the notebooks to run")
+    parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     args = parser.parse_args(argv)
 
-    profile = load_profile(args.profile)
-    name = Path(args.profile).stem
-    out_dir = Path(args.reports) / name
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    dirs = {"store_dir": str(Path(args.results) / name), "figures_dir": str(out_dir / "figures"),
-            "profile": name}
-    notebooks = sorted(profile["notebooks"])
+    notebooks_dir = Path(args.notebooks)
+    if not notebooks_dir.is_dir():
+        raise MPTError(f"--notebooks {notebooks_dir} is not a folder", "pass the folder holding the notebooks")
+    profile, declared = load_checked_profile(args.profile, notebooks_dir)
     if args.only:
-        unknown = set(args.only) - set(notebooks)
+        unknown = sorted(set(args.only) - set(profile.selected()))
         if unknown:
-            raise MPTError(f"unknown notebook(s) {sorted(unknown)}", f"choose from {notebooks}")
-        notebooks = [n for n in notebooks if n in args.only]
-    runs = []
-    for nb in notebooks:
-        src = REPO / "notebooks" / f"{nb}.ipynb"
-        if not src.exists():
-            raise MPTError(f"profile lists {nb} but {src} is missing", "restore the notebook or edit the profile")
-        print(f"[reproduce] {nb} ...", flush=True)
-        run = run_notebook(src, out_dir, notebook_parameters(profile, nb, dirs))
-        print(f"[reproduce] {nb}: {run['status']} in {run['seconds']} s {run['error']}", flush=True)
-        runs.append(run)
-    from mpt_utils.store import ResultsStore
+            raise MPTError(f"unknown notebook(s) {unknown} for --only", f"choose from {profile.selected()}")
+        profile.run = [nb for nb in profile.selected() if nb in args.only]
+    out_dir = prepare_folder(Path(args.reports), "--reports") / profile.name
+    store_dir = prepare_folder(Path(args.results), "--results") / profile.name
+    prepare_folder(out_dir / "figures", "--reports")
+    prepare_folder(store_dir, "--results")
 
-    ResultsStore(dirs["store_dir"]).export_csv(out_dir / "results.csv")
-    index = write_index(out_dir, name, runs)
-    print(f"[reproduce] reports: {index}")
-    failed = [r["notebook"] for r in runs if r["status"] != "ok"]
+    runs, index = run_profile(profile, declared, notebooks_dir, out_dir, store_dir, kernel=args.kernel)
+    failed = [f"{r['notebook']} ({r['error']})" if r["error"] else r["notebook"]
+              for r in runs if r["status"] != "ok"]
     if failed:
-        raise MPTError(f"notebooks failed: {failed}", f"open the executed notebooks in {out_dir} for the error")
+        print(f"error: {len(failed)} notebook(s) failed: {'; '.join(failed)}; see {index}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -36,3 +36,17 @@ def test_local_text_file(tmp_path):
     path.write_text("\n\n".join(f"paragraph {i} " * 20 for i in range(20)))
     ev, cal = load_text(str(path), "eval"), load_text(str(path), "calibration")
     assert ev and cal and not (set(ev.split("\n\n")) & set(cal.split("\n\n")))
+
+
+def test_small_local_file_serves_both_splits(tmp_path):
+    # two paragraphs that hash to the same split must not leave the other split empty
+    path = tmp_path / "two.txt"
+    path.write_text("second paragraph\n\nthird paragraph\n")  # both hash to the eval split
+    for split in ("eval", "calibration"):
+        assert load_text(str(path), split) == "second paragraph\n\nthird paragraph"
+
+
+def test_utf8_bom_is_ignored(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffhello".encode())
+    assert load_text(str(path)) == "hello"

@@ -195,8 +195,8 @@ def test_embedded_model_scorers_agree(embedded):
     ours = TorchScorer(embedded.model, embedded.tokenizer, batch_size=8).loglikelihood(reqs, True)
     ref_ll, our_ll = np.array([r[0] for r in ref]), np.array([o[0] for o in ours])
     assert np.abs(ref_ll - our_ll).max() < 1e-4
-    gguf = downstream.LlamaCppScorer(downstream.load_llama(embedded_path("smollm2-135m"), n_ctx=256))
-    cpp_ll = np.array([g[0] for g in gguf.loglikelihood(reqs, True)])
+    scored = downstream.gguf_loglikelihoods(embedded_path("smollm2-135m"), [r.args for r in reqs], n_ctx=256)
+    cpp_ll = np.array([g[0] for g in scored])
     assert np.abs(cpp_ll - our_ll).mean() < 0.25
     same_pick = (cpp_ll.reshape(-1, 4).argmax(1) == our_ll.reshape(-1, 4).argmax(1)).mean()
     assert same_pick >= 0.8

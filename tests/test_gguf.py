@@ -7,11 +7,11 @@ import torch
 
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.perplexity import perplexity
+from mpt_utils.native import has_llama_cpp, run_isolated
 from mpt_utils.quant.gguf import SCHEMES, export_gguf, quantize_gguf, read_gguf
 from mpt_utils.testing import tiny_model
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
-pytestmark = pytest.mark.gguf
+pytestmark = [pytest.mark.gguf, pytest.mark.skipif(not has_llama_cpp(), reason="llama-cpp-python not installed")]
 
 
 def _sharp(arch: str):
@@ -91,9 +91,10 @@ def test_k_quant_fallback_is_reported(exported, tmp_path):
 
 
 def test_scheme_table_matches_llama_cpp_enums():
+    enums = run_isolated("mpt_utils.quant.gguf.quantize:llama_ftype_constants", {}, what="llama_cpp")
     for scheme, (ftype, _bits) in SCHEMES.items():
         name = "LLAMA_FTYPE_ALL_F32" if scheme == "F32" else f"LLAMA_FTYPE_MOSTLY_{scheme}"
-        assert getattr(llama_cpp, name) == ftype, scheme
+        assert enums[name] == ftype, scheme
 
 
 def test_corrupt_or_unsupported_inputs_raise_clear_errors(exported, tmp_path):
@@ -141,12 +142,13 @@ def test_a_native_crash_in_llamacpp_becomes_a_clear_error(exported, tmp_path, mo
     import os
     import stat
 
+    from mpt_utils import native
     from mpt_utils.eval import llamacpp
 
     _, src = exported["llama"]
     crasher = tmp_path / "python-that-segfaults"
     crasher.write_text("#!/bin/sh\nkill -SEGV $$\n")
     crasher.chmod(crasher.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setattr(llamacpp.sys, "executable", os.fspath(crasher))
-    with pytest.raises(MPTError, match=r"llama.cpp crashed \(signal SIGSEGV\) while evaluating .*f32.gguf"):
+    monkeypatch.setattr(native.sys, "executable", os.fspath(crasher))
+    with pytest.raises(MPTError, match=r"llama.cpp crashed \(signal SIGSEGV\) while processing .*f32.gguf"):
         llamacpp.llamacpp_perplexity(src, torch.arange(128), seqlen=64, progress=False)

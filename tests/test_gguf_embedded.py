@@ -4,8 +4,9 @@ import pytest
 
 from mpt_utils.data import eval_ids
 from mpt_utils.eval.perplexity import perplexity
+from mpt_utils.native import has_llama_cpp
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed")
+pytestmark = pytest.mark.skipif(not has_llama_cpp(), reason="llama-cpp-python not installed")
 
 
 @pytest.mark.integration

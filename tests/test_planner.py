@@ -62,3 +62,22 @@ def test_additivity_check_is_exact_on_an_additive_grid():
     rows[-1]["value"] += 3.0  # an interaction term shows up as error exactly there
     out = additivity_check(pd.DataFrame(rows))
     assert out["rel_error"].abs().idxmax() == out.index[(out.ratio == 0.6) & (out.scheme == "Q2")][0]
+
+
+def test_dimension_from_fit_stops_before_a_collapsed_point():
+    from mpt_utils.planner import dimension_from_fit
+    from mpt_utils.ptp import fit_ptp
+
+    # too few points for eq. 5, so no PTP: the bound is the largest ratio measured without collapse
+    fit = fit_ptp([0.1, 0.3, 0.5, 0.7, 0.8], [5.0, 5.2, 5.5, 6.0, np.inf])
+    assert not fit.has_ptp and fit.n_censored == 1
+    assert dimension_from_fit("prune", fit).ptp == pytest.approx(0.7)
+    # a collapse before the last finite point caps the safe zone there
+    odd = fit_ptp([0.1, 0.3, 0.5, 0.7, 0.8], [5.0, 5.2, np.nan, 6.0, 7.0])
+    assert dimension_from_fit("prune", odd).ptp == pytest.approx(0.5)
+    # with a PTP, the PTP is the bound
+    x = np.linspace(0.1, 0.8, 8)
+    y = np.where(x <= 0.35, 3 * x**2 + 5, (3 * 0.35**2 + 5) * np.exp(6 * (x - 0.35) + 20 * (x - 0.35) ** 2))
+    y[-2:] = np.inf
+    full = fit_ptp(x, y)
+    assert full.has_ptp and dimension_from_fit("prune", full).ptp == pytest.approx(full.s0)

@@ -5,7 +5,9 @@ import json
 import papermill
 import pytest
 
-pytest.importorskip("llama_cpp", reason="the notebook's GGUF ladder needs llama-cpp-python")
+from mpt_utils.native import has_llama_cpp
+
+pytestmark = pytest.mark.skipif(not has_llama_cpp(), reason="the notebook's GGUF ladder needs llama-cpp-python")
 
 
 def test_quantization_notebook_runs_on_tiny_model(tmp_path):

@@ -33,6 +33,7 @@ import torch
 
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.offline_tasks import OFFLINE_TASKS, build_offline_tasks
+from mpt_utils.native import in_child, run_isolated
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -349,6 +350,20 @@ class LlamaCppScorer(_ScorerLM):
         return results  # type: ignore[return-value]
 
 
+def gguf_loglikelihoods(path: str | Path, pairs: Sequence[tuple[str, str]], n_ctx: int = 2048,
+                        isolate: bool = True) -> list[tuple[float, bool]]:
+    """lm-eval's (log-likelihood, is-greedy) of each (context, continuation) pair under the GGUF at
+    `path`, scored by llama.cpp in a child process unless `isolate=False`."""
+    if isolate and not in_child():
+        return run_isolated("mpt_utils.eval.downstream:gguf_loglikelihoods",
+                            {"path": str(path), "pairs": [tuple(p) for p in pairs], "n_ctx": n_ctx,
+                             "isolate": False}, what=str(path))
+    from lm_eval.api.instance import Instance
+
+    requests = [Instance("loglikelihood", {}, tuple(pair), 0) for pair in pairs]
+    return LlamaCppScorer(load_llama(path, n_ctx=n_ctx)).loglikelihood(requests, disable_tqdm=True)
+
+
 # ---------------------------------------------------------------- evaluation entry point
 
 
@@ -442,15 +457,27 @@ def result_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
 def evaluate_downstream(model: Any, tokenizer=None, tasks: str | Sequence[str] = OFFLINE_SUITE,
                         num_fewshot: int | None = None, limit: int | float | None = None,
                         batch_size: int = 16, backend: str | None = None, seed: int = 0,
-                        max_length: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
+                        max_length: int | None = None, progress: bool = False,
+                        isolate: bool = True) -> list[dict[str, Any]]:
     """Accuracy of `model` on lm-eval tasks, as tidy rows (task, metric, value, stderr, n, chance, ...).
 
     model: an in-memory torch causal LM (with `tokenizer`), a `.gguf` path or a `llama_cpp.Llama`.
     tasks: lm-eval names; 'mpt_offline' is the offline suite; standard ones need the hub.
     num_fewshot: None keeps each task's default (0 for the offline suite). limit: items per task.
     backend: 'hf' (lm-eval's HFLM, default for torch), 'mpt' (our faster torch scorer), 'llamacpp'.
+    isolate: a `.gguf` path is scored by llama.cpp in a child process (`mpt_utils.native`), so a native
+    crash becomes an MPTError naming the signal and the file instead of killing the caller.
     """
     offline, standard = resolve_tasks(tasks)
+    is_gguf = isinstance(model, (str, Path)) and str(model).endswith(".gguf")
+    if is_gguf and isolate and backend in (None, "llamacpp") and not in_child():
+        if not Path(model).is_file():
+            raise MPTError(f"GGUF file {model} does not exist", "pass an existing .gguf path")
+        return run_isolated("mpt_utils.eval.downstream:evaluate_downstream",
+                            {"model": str(model), "tasks": offline + standard, "num_fewshot": num_fewshot,
+                             "limit": limit, "batch_size": batch_size, "backend": "llamacpp", "seed": seed,
+                             "max_length": max_length, "progress": progress, "isolate": False},
+                            what=str(model), show_output=progress)
     lm = make_lm(model, tokenizer, backend, batch_size=batch_size, max_length=max_length)
     if isinstance(lm, _ScorerLM):
         lm.show_progress = progress

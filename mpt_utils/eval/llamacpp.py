@@ -7,14 +7,8 @@ given their prefix summed by the same `nll_from_logits`, tokens/s = windows x se
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +16,7 @@ from tqdm.auto import tqdm
 
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.perplexity import PerplexityResult, nll_from_logits, window_ids
+from mpt_utils.native import in_child, run_isolated
 
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids for the KV cache
 
@@ -71,44 +66,6 @@ def _window_nll(path: str, windows: torch.Tensor, n_threads: int | None, kv_type
         llm.close() if hasattr(llm, "close") else None
 
 
-def _isolated_window_nll(path: str, windows: torch.Tensor, n_threads: int | None, kv_type: str,
-                         n_gpu_layers: int, progress: bool, desc: str) -> tuple[float, float]:
-    """`_window_nll` in a child interpreter (`python -m mpt_utils.eval.llamacpp`), so a native fault
-    inside llama.cpp (a segfault or general protection fault in libggml) becomes a clear MPTError
-    instead of killing the caller, e.g. the notebook kernel in the middle of a ladder."""
-    with tempfile.TemporaryDirectory(prefix="mpt-llamacpp-") as tmp:
-        job, out = Path(tmp) / "job.pt", Path(tmp) / "result.json"
-        torch.save({"path": path, "windows": windows, "n_threads": n_threads, "kv_type": kv_type,
-                    "n_gpu_layers": n_gpu_layers, "progress": progress, "desc": desc}, job)
-        # With a progress bar the child's stderr (tqdm) goes to ours; otherwise it is kept for the message.
-        proc = subprocess.run([sys.executable, "-m", "mpt_utils.eval.llamacpp", str(job), str(out)],
-                              stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE, text=True)
-        if not out.exists():
-            code = proc.returncode
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            tail = (proc.stderr or "").strip().splitlines()[-1:] or [""]
-            raise MPTError(f"llama.cpp crashed ({how}) while evaluating {path} {tail[0][:200]}".rstrip(),
-                           "a native fault inside llama.cpp for this file type on this CPU: skip the scheme, "
-                           "or rebuild llama-cpp-python (CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install "
-                           "--force-reinstall --no-cache-dir llama-cpp-python)")
-        answer = json.loads(out.read_text(encoding="utf-8"))
-    if "error" in answer:
-        raise MPTError(answer["error"], answer.get("fix"))
-    return answer["total"], answer["seconds"]
-
-
-def _worker(job: str, out: str) -> None:
-    """Child side of `_isolated_window_nll`: the NLL or the MPTError, as JSON in `out`."""
-    args = torch.load(job)
-    try:
-        total, seconds = _window_nll(args["path"], args["windows"], args["n_threads"], args["kv_type"],
-                                     args["n_gpu_layers"], args["progress"], args["desc"])
-        answer = {"total": total, "seconds": seconds}
-    except MPTError as err:
-        answer = {"error": err.message, "fix": err.fix}
-    Path(out).write_text(json.dumps(answer), encoding="utf-8")
-
-
 def llamacpp_perplexity(path: str | os.PathLike, ids: torch.Tensor, seqlen: int = 2048,
                         max_windows: int | None = None, n_threads: int | None = None, kv_type: str = "f16",
                         progress: bool = True, desc: str = "llama.cpp ppl", n_gpu_layers: int = 0,
@@ -117,14 +74,24 @@ def llamacpp_perplexity(path: str | os.PathLike, ids: torch.Tensor, seqlen: int 
     `isolate` runs llama.cpp in a child process (a few seconds of start-up) so that a crash in
     native code is reported, not fatal. A missing or corrupt file is reported by `open_gguf`."""
     windows = window_ids(ids, seqlen, max_windows)
-    run = _isolated_window_nll if isolate else _window_nll
-    total, seconds = run(str(path), windows, n_threads, kv_type, n_gpu_layers, progress, desc)
+    args = {"path": str(path), "windows": windows, "n_threads": n_threads, "kv_type": kv_type,
+            "n_gpu_layers": n_gpu_layers, "progress": progress, "desc": desc}
+    if isolate and not in_child():
+        total, seconds = run_isolated("mpt_utils.eval.llamacpp:_window_nll", args, what=str(path),
+                                      show_output=progress)
+    else:
+        total, seconds = _window_nll(**args)
     return PerplexityResult.from_total(total, windows, seconds)
 
 
 def llamacpp_logits(path: str | os.PathLike, window: torch.Tensor, n_threads: int | None = None,
-                    kv_type: str = "f32") -> torch.Tensor:
-    """[seqlen, vocab] logits of one window (for exactness checks against torch)."""
+                    kv_type: str = "f32", isolate: bool = True) -> torch.Tensor:
+    """[seqlen, vocab] logits of one window (for exactness checks against torch), in a child process
+    unless `isolate=False`."""
+    if isolate and not in_child():
+        return run_isolated("mpt_utils.eval.llamacpp:llamacpp_logits",
+                            {"path": str(path), "window": window, "n_threads": n_threads, "kv_type": kv_type,
+                             "isolate": False}, what=str(path))
     llm = open_gguf(path, window.numel(), n_threads, kv_type)
     try:
         llm.reset()
@@ -132,7 +99,3 @@ def llamacpp_logits(path: str | os.PathLike, window: torch.Tensor, n_threads: in
         return torch.from_numpy(np.array(llm.scores[: window.numel()], dtype=np.float32))
     finally:
         llm.close() if hasattr(llm, "close") else None
-
-
-if __name__ == "__main__":
-    _worker(*sys.argv[1:3])

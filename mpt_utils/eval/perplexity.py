@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mpt_utils.errors import MPTError
-from mpt_utils.models import pick_device
+from mpt_utils.models import check_seqlen, pick_device
 
 
 @dataclass
@@ -40,12 +40,15 @@ class PerplexityResult:
 def window_ids(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Cut a 1-D id tensor into non-overlapping [n, seqlen] windows; the incomplete tail is dropped,
     as in the GPTQ/SparseGPT/Wanda evaluation code, so numbers stay comparable."""
+    seqlen = check_seqlen(None, seqlen)
     if seqlen < 2:
         raise MPTError(f"seqlen={seqlen} is too short", "use seqlen >= 2 (2048 for 7B models)")
-    n = ids.numel() // seqlen
+    have = ids.numel()
+    n = have // seqlen
     if n == 0:
-        raise MPTError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}",
-                       "use a shorter seqlen or a larger evaluation corpus")
+        raise MPTError(f"text has {have} tokens, fewer than one window of seqlen={seqlen} tokens",
+                       f"pass seqlen <= {have}, or a larger evaluation corpus" if have >= 2
+                       else "use a larger evaluation corpus")
     if max_windows is not None:
         n = min(n, max_windows)
     return ids[: n * seqlen].view(n, seqlen)
@@ -64,6 +67,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int = 2048, ba
                device: str | torch.device | None = None, max_windows: int | None = None,
                progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
     """Perplexity of `model` on 1-D token ids `ids`. A collapsed model (inf/NaN loss) gives ppl=inf."""
+    seqlen = check_seqlen(model, seqlen)  # beyond the context a RoPE model gives a wrong number, OPT crashes
     dev = pick_device(device) if device is not None else next(model.parameters()).device
     windows = window_ids(ids, seqlen, max_windows)
     was_training = model.training
@@ -85,11 +89,24 @@ def perplexity_rows(model: torch.nn.Module, tokenizer, datasets: list[str], seql
                     max_windows: int | None = None, batch_size: int = 1,
                     device: str | torch.device | None = None, progress: bool = True) -> list[dict]:
     """Tidy rows (metric='ppl', one per dataset) for the results store, with tokens and tokens/s."""
-    from mpt_utils.data import eval_ids
+    from mpt_utils.data import check_corpus, eval_ids
 
+    if isinstance(datasets, str):  # one name, not its characters
+        datasets = [datasets]
+    # every input is checked before the first (long) evaluation runs
+    seqlen = check_seqlen(model, seqlen)
+    pick_device(device)
+    for name in datasets:
+        check_corpus(name)
+    ids = {name: eval_ids(tokenizer, name) for name in datasets}
+    for name, tokens in ids.items():
+        if tokens.numel() < seqlen:
+            raise MPTError(f"eval split of {name!r} has {tokens.numel()} tokens, fewer than one window of "
+                           f"seqlen={seqlen} tokens", f"pass seqlen <= {tokens.numel()}, or a larger corpus"
+                           if tokens.numel() >= 2 else "use a larger corpus")
     rows = []
     for name in datasets:
-        res = perplexity(model, eval_ids(tokenizer, name), seqlen=seqlen, batch_size=batch_size,
+        res = perplexity(model, ids[name], seqlen=seqlen, batch_size=batch_size,
                          device=device, max_windows=max_windows, progress=progress, desc=f"ppl {name}")
         rows.append({"metric": "ppl", "data": name, "value": res.ppl, "nll": res.nll,
                      "n_tokens": res.n_tokens, "n_windows": res.n_windows, "seqlen": seqlen,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mpt_utils.errors import MPTError
-from mpt_utils.models import pick_device
+from mpt_utils.models import check_seqlen, pick_device
 
 MODES = ("prefill", "decode")
 
@@ -75,8 +75,19 @@ def measure_speed(models: dict[str, nn.Module | Callable], *, mode: str = "prefi
         raise MPTError("measure_speed got no models", "pass {'dense': model, 'pruned': other}")
     if mode not in MODES:
         raise MPTError(f"unknown speed mode {mode!r}", f"use one of {MODES}")
-    if rounds < 1 or seqlen < 1 or batch_size < 1:
-        raise MPTError("rounds, seqlen and batch_size must be >= 1", "use e.g. rounds=5, seqlen=256")
+    if rounds < 1 or batch_size < 1:
+        raise MPTError("rounds and batch_size must be >= 1", "use e.g. rounds=5, batch_size=1")
+    seqlen = check_seqlen(None, seqlen)
+    # a sequence beyond a model's context times a wrong (RoPE) or crashing (OPT) forward
+    for model in models.values():
+        if not isinstance(model, nn.Module):
+            continue  # engines like llama.cpp check their own context
+        if mode == "prefill":
+            check_seqlen(model, seqlen)
+        else:
+            check_seqlen(None, new_tokens, "new_tokens")
+            check_seqlen(model, prompt_len, "prompt_len")
+            check_seqlen(model, prompt_len + new_tokens, "prompt_len + new_tokens")
     reference = reference if reference is not None else next(iter(models))
     if reference not in models:
         raise MPTError(f"reference {reference!r} is not among the models", f"choose one of {list(models)}")

@@ -30,10 +30,12 @@ from mpt_utils.lowrank.svd import plan_svd
 from mpt_utils.lowrank.svd_llm import plan_svd_llm
 from mpt_utils.registry import Registry
 
-LOWRANK: Registry = Registry("low-rank method")
-LOWRANK.register("svd")(plan_svd)
-LOWRANK.register("asvd")(plan_asvd)
-LOWRANK.register("svd_llm")(plan_svd_llm)
+# what callers pass besides a method's options (the sweep fills these in itself)
+ENGINE_ARGS = ("model", "calib_ids", "stats", "device", "progress")
+LOWRANK: Registry = Registry("low-rank method", ENGINE_ARGS)
+LOWRANK.register("svd", version=1)(plan_svd)
+LOWRANK.register("asvd", version=1)(plan_asvd)
+LOWRANK.register("svd_llm", version=1)(plan_svd_llm)
 
 # Mode I (weight-dominant) vs Mode II (activation-centric), as the Perspective groups them.
 MODES = {"svd": "I", "asvd": "I", "svd_llm": "II"}
@@ -41,7 +43,9 @@ MODES = {"svd": "I", "asvd": "I", "svd_llm": "II"}
 
 def prepare(model: nn.Module, method: str, calib_ids: torch.Tensor | None = None, **options) -> LowRankPlan:
     """The ratio-independent part of `method` (SVDs, ASVD's sensitivity search), reusable for a sweep."""
-    return LOWRANK.get(method)(model, calib_ids, **options)
+    fn = LOWRANK.get(method)
+    LOWRANK.check_options(method, {k: v for k, v in options.items() if k not in ENGINE_ARGS})
+    return fn(model, calib_ids, **options)
 
 
 def decompose(model: nn.Module, method: str, ratio: float, calib_ids: torch.Tensor | None = None,

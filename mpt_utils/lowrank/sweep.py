@@ -88,7 +88,8 @@ class LowRankSweep:
 
         opts = {k: spec.options[k] for k in ("alpha", "candidates", "granularity", "sens_windows", "sens_seqlen")
                 if k in spec.options}
-        cfg = {**self.base_config(), "method": "asvd_sensitivity", "ratio": None, "options": opts}
+        cfg = {**self.base_config(), "method": "asvd_sensitivity", "ratio": None, "options": opts,
+               "registry_method": "asvd"}
 
         def compute():
             plan = plan_asvd(self.loaded.model, self.calib, stats=self.stats, device=self.device,
@@ -141,8 +142,9 @@ class LowRankSweep:
         return self.store.get_or_compute(cfg, compute)
 
     def point(self, spec: SweepSpec, ratio: float, data: str) -> list[dict]:
-        from mpt_utils.lowrank import MODES, check_lowrank_ratio
+        from mpt_utils.lowrank import LOWRANK, MODES, check_lowrank_ratio
 
+        LOWRANK.check_options(spec.method, spec.options)  # fails before any model is loaded
         ratio = check_lowrank_ratio(ratio)
         if ratio == 0:
             return self.dense_point(data)
@@ -187,7 +189,8 @@ class LowRankSweep:
         labels = [f"{s.name}@{r:g}" for s, r in points]
         cfg = {**self.base_config(), "method": "speed", "ratio": None, "points": labels,
                "speed_seqlen": seqlen, "batch_size": batch_size, "rounds": rounds, "mode": mode,
-               "options": {s.name: dict(s.options) for s, _ in points}}
+               "options": {s.name: dict(s.options) for s, _ in points},
+               "registry_method": sorted({s.method for s, _ in points})}
 
         def compute():
             from mpt_utils.eval.speed import measure_speed

@@ -3,7 +3,7 @@
 Every method is one module exposing one layer-level function, registered by name:
 
     fn(weight: Tensor[out, in], stats: LayerStats | None, sparsity: float, pattern: (N, M) | None,
-       *, name: str = "", cache: dict | None = None, **opts) -> Tensor  (new weight, zeros where pruned)
+       *, name: str = "", cache: dict | None = None, <options>) -> Tensor  (new weight, zeros where pruned)
 
 `stats` are the layer's calibration input statistics (mpt_utils.calibration.LayerStats); `cache`
 is a per-layer dict that lives across a sparsity sweep, where a method keeps what does not depend on
@@ -17,11 +17,12 @@ pruning subpackage `mpt_utils.prune.structured` can live next to it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mpt_utils.registry import Registry
+from mpt_utils.registry import Registry, check_options
 
 METHOD_MODULES = ("magnitude", "wanda", "sparsegpt", "ria", "admm", "owl", "dsnot")
 
@@ -41,14 +42,17 @@ class PruneMethod:
         return self.fn(*args, **kwargs)
 
 
-PRUNERS: Registry = Registry("pruning method")
+# what the engine passes to every layer-level function itself (never user options)
+ENGINE_ARGS = ("weight", "stats", "sparsity", "pattern", "name", "cache")
+PRUNERS: Registry = Registry("pruning method", ENGINE_ARGS)
 
 
-def register(name: str, **traits: Any) -> Callable[[Callable], Callable]:
-    """Decorator: register a layer-level pruning function under `name` with its traits."""
+def register(name: str, version: int = 1, **traits: Any) -> Callable[[Callable], Callable]:
+    """Decorator: register a layer-level pruning function under `name` at algorithm `version`
+    (bump it when a change alters the method's numbers) with its traits."""
 
     def deco(fn: Callable) -> Callable:
-        PRUNERS.register(name)(PruneMethod(name, fn, **traits))
+        PRUNERS.register(name, version=version, module=fn.__module__)(PruneMethod(name, fn, **traits))
         return fn
 
     return deco
@@ -63,6 +67,33 @@ def get_method(name: str) -> PruneMethod:
     """The registered method `name` (an MPTError lists the available ones)."""
     load_methods()
     return PRUNERS.get(name)
+
+
+def _keyword_params(fn: Callable, kinds=(inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                         inspect.Parameter.KEYWORD_ONLY)) -> set[str]:
+    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds} - set(ENGINE_ARGS)
+
+
+def method_options(name: str, base: str | None = None) -> set[str]:
+    """The options method `name` accepts: its own keyword parameters, those of its per-block
+    allocation (OWL's m, lam) and, for a method wrapping a `base` method (OWL), the base's."""
+    spec = get_method(name)
+    valid = _keyword_params(spec.fn)
+    if spec.allocate is not None:
+        for hook in (spec.allocate.block_score, spec.allocate.ratios):
+            valid |= _keyword_params(hook, (inspect.Parameter.KEYWORD_ONLY,))
+    params = inspect.signature(spec.fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and "base" in params:
+        valid |= method_options(base or params["base"].default)  # the rest goes to the base method
+    return valid
+
+
+def check_method_options(name: str, opts: Mapping[str, Any]) -> None:
+    """MPTError naming the closest valid option when `opts` holds one method `name` does not take."""
+    base = opts.get("base")
+    known_base = base if isinstance(base, str) and base in method_names() else None
+    label = f"{name}:{base}" if base else name
+    check_options(f"pruning method {label!r}", opts, method_options(name, known_base))
 
 
 def method_names() -> list[str]:

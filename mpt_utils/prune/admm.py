@@ -48,11 +48,11 @@ def _keep_mask(score: torch.Tensor, sparsity: float, pattern: Pattern | None, sc
     return ~layer_mask(ranked, sparsity)  # prunes only candidates: every kept weight scores inf
 
 
-@register("admm", updates_weights=True)
+@register("admm", version=1, updates_weights=True)
 @torch.no_grad()
 def admm(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
          *, iters: int = 20, gradual_iters: int = 15, rho: float = 1.0, percdamp: float = 0.1,
-         scope: str = "layer", cache: dict | None = None, **_) -> torch.Tensor:
+         scope: str = "layer", name: str = "", cache: dict | None = None) -> torch.Tensor:
     """Prune `weight` [out, in] with gradual ADMM mask selection and ADMM reconstruction."""
     if pattern is not None:
         check_nm_shape(weight.shape[1], pattern)

@@ -111,12 +111,12 @@ def refine_nm(mask: torch.Tensor, contrib: torch.Tensor, regrow_key: torch.Tenso
     return mask
 
 
-@register("dsnot")
+@register("dsnot", version=1)
 @torch.no_grad()
 def dsnot(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
           *, base: str = "wanda", max_cycles: int = 50, threshold: float = 0.1, var_power: float = 1.0,
           same_sign: bool = True, skip: Sequence[str] = ("mlp",), name: str = "",
-          cache: dict | None = None, **_) -> torch.Tensor:
+          cache: dict | None = None) -> torch.Tensor:
     """Refine the base method's mask of `weight` [out, in]; returns the masked (not updated) weight."""
     if base not in BASES:
         raise MPTError(f"DSnoT refines {BASES} masks, not {base!r}", "pass base='wanda' or base='sparsegpt'")

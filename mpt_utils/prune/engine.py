@@ -21,7 +21,7 @@ from torch import nn
 
 from mpt_utils.calibration import LayerStats, decoder_layers, layerwise, linear_layers
 from mpt_utils.errors import MPTError
-from mpt_utils.prune import PruneMethod, get_method
+from mpt_utils.prune import PruneMethod, check_method_options, get_method
 from mpt_utils.prune.masks import Pattern, parse_pattern, pattern_name, resolve_sparsity
 from mpt_utils.prune.measure import sparsity_report
 
@@ -62,6 +62,11 @@ def _prune_block(block: nn.Module, stats: dict[str, LayerStats] | None, method: 
                 raise MPTError(f"no calibration statistics for {prefix}.{name}",
                                "collect them with mpt_utils.calibration.collect_stats on this model")
             st = stats[name]
+            if not bool(torch.isfinite(st.gram).all()):  # else SparseGPT blames "too few calibration windows"
+                raise MPTError(f"calibration statistics for {prefix}.{name} contain NaN/inf: the activations "
+                               "reaching it are not finite",
+                               "check the weights with mpt_utils.models.check_finite_weights(model), or "
+                               "calibrate in float32 (load_model(..., dtype='float32')) if float16 overflows")
             if st.device != lin.weight.device:  # a moved copy: the shared sweep statistics stay put
                 st = copy.copy(st).to(lin.weight.device)
         layer_cache = cache.setdefault(f"{prefix}.{name}", {}) if cache is not None else None
@@ -90,6 +95,7 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
     to the method (e.g. base='sparsegpt' for owl/dsnot, percdamp, m and lam for OWL).
     """
     spec = get_method(method)
+    check_method_options(method, opts)
     nm = parse_pattern(pattern)
     target = resolve_sparsity(sparsity, nm)
     if nm is not None and not spec.supports_nm:

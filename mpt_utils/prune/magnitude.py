@@ -8,9 +8,9 @@ from mpt_utils.prune import register
 from mpt_utils.prune.masks import Pattern, apply_mask, select_mask
 
 
-@register("magnitude", needs_stats=False)
+@register("magnitude", version=1, needs_stats=False)
 def magnitude(weight: torch.Tensor, stats, sparsity: float, pattern: Pattern | None = None,
-              *, scope: str = "layer", **_) -> torch.Tensor:
+              *, scope: str = "layer", name: str = "", cache: dict | None = None) -> torch.Tensor:
     """Zero the `sparsity` fraction of smallest-magnitude weights, compared across the whole layer
     (as in the Wanda/SparseGPT baselines), or the N smallest of every M for a pattern."""
     return apply_mask(weight, select_mask(weight.abs().float(), sparsity, pattern, scope))

@@ -57,7 +57,7 @@ class OWLAllocation:
         return owl_sparsities(scores, sparsity, lam)
 
 
-@register("owl", supports_nm=False, allocate=OWLAllocation())
+@register("owl", version=1, supports_nm=False, allocate=OWLAllocation())
 def owl(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
         *, base: str = "wanda", **opts) -> torch.Tensor:
     """Prune one layer with the base method at the block's OWL sparsity (given by the engine)."""

@@ -23,7 +23,8 @@ def ria_scores(weight: torch.Tensor, stats: LayerStats, a: float = 0.5) -> torch
     return relative * act.unsqueeze(0)
 
 
-@register("ria")
+@register("ria", version=1)
 def ria(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
-        *, a: float = 0.5, scope: str = "layer", **_) -> torch.Tensor:
+        *, a: float = 0.5, scope: str = "layer", name: str = "", cache: dict | None = None
+        ) -> torch.Tensor:
     return apply_mask(weight, select_mask(ria_scores(weight, stats, a), sparsity, pattern, scope))

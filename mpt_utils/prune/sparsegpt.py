@@ -49,10 +49,11 @@ def obs_saliency(weight: torch.Tensor, stats: LayerStats, percdamp: float = 0.01
     return w.pow(2) / torch.diagonal(U).pow(2).unsqueeze(0)
 
 
-@register("sparsegpt", updates_weights=True)
+@register("sparsegpt", version=1, updates_weights=True)
 @torch.no_grad()
 def sparsegpt(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
-              *, blocksize: int = 128, percdamp: float = 0.01, cache: dict | None = None, **_) -> torch.Tensor:
+              *, blocksize: int = 128, percdamp: float = 0.01, name: str = "", cache: dict | None = None
+              ) -> torch.Tensor:
     """Prune `weight` [out, in] to `sparsity` (or N:M) and reconstruct the kept weights by OBS updates."""
     U, dead = inverse_hessian_factor(stats, percdamp, weight.device, cache)
     cols = weight.shape[1]

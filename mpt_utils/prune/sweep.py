@@ -148,10 +148,11 @@ class PruneSession:
 
     # -- points --------------------------------------------------------------------------------
     def config(self, method: str, sparsity: float, pattern: str | None, opts: dict[str, Any]) -> dict[str, Any]:
-        from mpt_utils.prune import get_method
+        from mpt_utils.prune import check_method_options, get_method
 
         name, base_opts = parse_method(method)
         opts = {**base_opts, **opts}
+        check_method_options(name, opts)  # a misspelled option fails before any model is loaded
         data_free = not get_method(name).needs_stats
         return {"model": self.model, "method": method_label(name, opts), "family": FAMILY,
                 "ratio": float(sparsity), "bits": None, "pattern": pattern or "unstructured", "seed": self.seed,

@@ -14,8 +14,8 @@ def wanda_scores(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
     return weight.abs().float() * stats.sq_norm.to(weight.device).sqrt().unsqueeze(0)
 
 
-@register("wanda")
+@register("wanda", version=1)
 def wanda(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
-          *, scope: str = "row", **_) -> torch.Tensor:
+          *, scope: str = "row", name: str = "", cache: dict | None = None) -> torch.Tensor:
     """Zero the lowest-scoring `sparsity` fraction of every row (or N of every M inputs)."""
     return apply_mask(weight, select_mask(wanda_scores(weight, stats), sparsity, pattern, scope))

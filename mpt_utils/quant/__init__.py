@@ -34,10 +34,13 @@ class QuantResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-QUANTIZERS: Registry = Registry("quantizer")
+# what `quantize` passes itself: the rest of a quantizer's keyword parameters are its options
+ENGINE_ARGS = ("model", "bits", "group_size", "sym", "calib_ids", "device", "progress")
+QUANTIZERS: Registry = Registry("quantizer", ENGINE_ARGS)
 CALIBRATED = {"gptq", "awq", "smoothquant"}  # methods that need calibration windows
+GRID = ("mpt_utils.quant.rtn",)  # the quantization grid every torch quantizer rounds onto
 
-QUANTIZERS.register("rtn")(rtn)
+QUANTIZERS.register("rtn", version=1)(rtn)
 
 
 def _register_all() -> None:
@@ -45,9 +48,9 @@ def _register_all() -> None:
     from mpt_utils.quant.gptq import gptq
     from mpt_utils.quant.smoothquant import smoothquant
 
-    QUANTIZERS.register("gptq")(gptq)
-    QUANTIZERS.register("awq")(awq)
-    QUANTIZERS.register("smoothquant")(smoothquant)
+    QUANTIZERS.register("gptq", version=1, sources=GRID)(gptq)
+    QUANTIZERS.register("awq", version=1, sources=GRID)(awq)
+    QUANTIZERS.register("smoothquant", version=1, sources=GRID)(smoothquant)
 
 
 _register_all()
@@ -63,6 +66,7 @@ def quantize(model: torch.nn.Module, method: str, *, bits: int, group_size: int 
     out take the method's own default (g128 asymmetric for RTN/GPTQ/AWQ, per-channel symmetric
     for SmoothQuant)."""
     fn = QUANTIZERS.get(method)
+    QUANTIZERS.check_options(method, options)
     if method in CALIBRATED and calib_ids is None and options.get("stats") is None:
         raise MPTError(f"{method} needs calibration data", "pass calib_ids=calibration_windows(tokenizer, ...)")
     given = {k: v for k, v in (("group_size", group_size), ("sym", sym)) if v is not _UNSET}

@@ -119,10 +119,11 @@ def scheme_label(method: str, bits: int, group_size: int | None, sym: bool) -> s
 def quant_point(store: ResultsStore, bench: Workbench, method: str, bits: int, *, group_size: int | None = 128,
                 sym: bool = False, options: dict | None = None, progress: bool = True) -> list[dict]:
     """Quantize a copy of the dense model with `method`, evaluate, store and return the rows."""
-    from mpt_utils.quant import CALIBRATED, quantize
+    from mpt_utils.quant import CALIBRATED, QUANTIZERS, quantize
     from mpt_utils.quant.size import storage
 
     options = dict(options or {})
+    QUANTIZERS.check_options(method, options)  # a misspelled option fails before any model is loaded
     cfg = {**bench.setup.config(), "method": method, "bits": bits, "group_size": group_size, "sym": sym,
            "options": options}
 

@@ -21,7 +21,6 @@ The achieved reduction of all parameters (embeddings included) is always reporte
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,9 @@ from mpt_utils.errors import MPTError, check_ratio
 from mpt_utils.registry import Registry
 
 StructuredFn = Callable[..., dict]
-STRUCTURED: Registry[StructuredFn] = Registry("structured pruning method")
+# what `structured_prune` and the sweep pass themselves; the rest of the keywords are options
+ENGINE_ARGS = ("model", "ratio", "calib_ids", "cache", "seed", "device", "progress")
+STRUCTURED: Registry[StructuredFn] = Registry("structured pruning method", ENGINE_ARGS)
 CALIBRATION_FREE = ("random",)
 
 
@@ -73,10 +74,7 @@ def structured_prune(model: nn.Module, method: str, ratio: float, calib_ids: tor
 
     fn = STRUCTURED.get(method)
     ratio = check_ratio(ratio)
-    accepted = set(inspect.signature(fn).parameters) - {"model", "ratio", "calib_ids"}
-    unknown = set(options) - accepted
-    if unknown:
-        raise MPTError(f"{method} got unknown option(s) {sorted(unknown)}", f"its options are: {sorted(accepted)}")
+    STRUCTURED.check_options(method, {k: v for k, v in options.items() if k not in ENGINE_ARGS})
     if method not in CALIBRATION_FREE and calib_ids is None:
         raise MPTError(f"{method} needs calibration windows", "pass calib_ids=calibration_windows(tokenizer, ...)")
     before, block_before = count_params(model), block_params(model)

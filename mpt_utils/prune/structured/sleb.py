@@ -81,7 +81,7 @@ def removal_order(model: nn.Module, calib_ids: torch.Tensor, n_remove: int, pref
     return removed
 
 
-@STRUCTURED.register("sleb")
+@STRUCTURED.register("sleb", version=1)
 def sleb(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: dict | None = None, seed: int = 0,
          device: str | torch.device | None = None, progress: bool = True) -> dict:
     """Greedily remove round(ratio * n_blocks) blocks by calibration perplexity."""

@@ -79,7 +79,7 @@ def _linear_from(weight: torch.Tensor, like: nn.Linear) -> nn.Linear:
 
 
 
-@STRUCTURED.register("slicegpt")
+@STRUCTURED.register("slicegpt", version=1)
 @torch.no_grad()
 def slicegpt(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: dict | None = None,
              round_to: int = 8, slice_head: bool | None = None, damp: float = 0.01, seed: int = 0,

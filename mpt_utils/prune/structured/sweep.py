@@ -92,8 +92,8 @@ def structured_sweep(loaded: LoadedModel, store: ResultsStore, settings: SweepSe
     from mpt_utils.eval.speed import measure_speed
     from mpt_utils.prune.structured.recovery import lora_recover
 
-    for m in methods:
-        STRUCTURED.get(m)
+    for m in methods:  # unknown methods and misspelled options fail before any work
+        STRUCTURED.check_options(m, settings.options.get(m, {}))
     dense, tok = loaded.model, loaded.tokenizer
     cache: dict = {}
     rows: list[dict] = []

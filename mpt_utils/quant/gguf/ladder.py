@@ -18,6 +18,7 @@ import pandas as pd
 from mpt_utils.errors import MPTError
 from mpt_utils.quant.gguf.quantize import NEEDS_IMATRIX, SCHEMES, check_scheme
 from mpt_utils.quant.sweep import Workbench
+from mpt_utils.registry import Registry
 from mpt_utils.store import ResultsStore
 
 # Table 5's ladder (16-bit -> 2-bit), then the other types llama.cpp offers at those widths.
@@ -84,12 +85,19 @@ class GGUFBench:
                 continue
             path.unlink(missing_ok=True)
 
+# The ladder's point kinds, versioned like every method: a "gguf" point's numbers come from the
+# export, llama.cpp's quantizer with our importance matrix, and this module's measurements.
+GGUF_STEPS: Registry = Registry("GGUF ladder step")
+_EXPORT = "mpt_utils.quant.gguf.export"
+
 
 def _config(gb: GGUFBench, scheme: str) -> dict:
     return {**gb.bench.setup.config(), "method": "gguf", "scheme": scheme, "bits": SCHEMES[scheme][1],
             "kv_type": gb.kv_type, "imatrix": scheme in NEEDS_IMATRIX, "export": gb.export_dtype}
 
 
+@GGUF_STEPS.register("gguf", version=1, sources=(_EXPORT, "mpt_utils.quant.gguf.quantize",
+                                                  "mpt_utils.quant.gguf.imatrix"))
 def gguf_point(store: ResultsStore, gb: GGUFBench, scheme: str, keep_files: bool = False,
                progress: bool = True) -> list[dict]:
     from mpt_utils.eval.llamacpp import llamacpp_perplexity
@@ -122,6 +130,7 @@ def gguf_point(store: ResultsStore, gb: GGUFBench, scheme: str, keep_files: bool
     return store.get_or_compute(_config(gb, scheme), compute)
 
 
+@GGUF_STEPS.register("gguf-roundtrip", version=1, sources=(_EXPORT,))
 def roundtrip_point(store: ResultsStore, gb: GGUFBench, progress: bool = True) -> list[dict]:
     """The exported GGUF (F32 unless export_dtype="f16") under llama.cpp vs the torch model on the
     same windows: the correctness anchor."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mpt_utils.errors import MPTError
+from mpt_utils.native import in_child, run_isolated
 
 # scheme -> (llama_ftype, nominal bits for the paper's bit axis)
 SCHEMES: dict[str, tuple[int, float]] = {
@@ -36,6 +37,12 @@ def check_scheme(scheme: str) -> str:
     if scheme not in SCHEMES:
         raise MPTError(f"unknown GGUF scheme {scheme!r}", f"use one of: {', '.join(SCHEMES)}")
     return scheme
+
+
+def llama_ftype_constants() -> dict[str, int]:
+    """llama.cpp's own LLAMA_FTYPE_* values (call it through `run_isolated`: it loads the library)."""
+    llama_cpp = _llama_cpp()
+    return {name: int(getattr(llama_cpp, name)) for name in dir(llama_cpp) if name.startswith("LLAMA_FTYPE_")}
 
 
 def _llama_cpp():
@@ -87,8 +94,9 @@ def _captured_log(llama_cpp, lines: list[str]):
 
 
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *, n_threads: int | None = None,
-                  imatrix: dict[str, np.ndarray] | None = None) -> QuantizeReport:
-    """Write `dst` = `src` quantized to `scheme` by llama.cpp."""
+                  imatrix: dict[str, np.ndarray] | None = None, isolate: bool = True) -> QuantizeReport:
+    """Write `dst` = `src` quantized to `scheme` by llama.cpp, in a child process unless `isolate=False`
+    (a native fault then becomes an MPTError naming the signal and the file)."""
     check_scheme(scheme)
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -96,6 +104,10 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, scheme: str, *
     if scheme in NEEDS_IMATRIX and not imatrix:
         raise MPTError(f"llama.cpp refuses {scheme} without an importance matrix",
                        "pass imatrix=imatrix_from_stats(...) (see mpt_utils.quant.gguf.imatrix)")
+    if isolate and not in_child():
+        return run_isolated("mpt_utils.quant.gguf.quantize:quantize_gguf",
+                            {"src": str(src), "dst": str(dst), "scheme": scheme, "n_threads": n_threads,
+                             "imatrix": imatrix, "isolate": False}, what=f"{src} -> {scheme}")
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = SCHEMES[scheme][0]
