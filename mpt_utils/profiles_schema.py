@@ -28,7 +28,7 @@ not set them).
 `check_profile` validates a profile against the `parameters` cell of each notebook before anything
 runs: every notebook named must exist; a per-notebook key must be declared by that notebook and a
 `common` key by at least one notebook (unknown names come with the closest valid name); a value must
-match the declared default's type (an annotation such as `tasks: str | list = "x"` widens it):
+match the declared default's type (an annotation such as `tasks: Union[str, list] = "x"` widens it; papermill reads `Union[...]`, not `a | b`):
 an integer default takes integers, a float default any number, and both also take null ("all" /
 "auto" in this suite); strings, true/false, lists and objects take their own kind; list items are
 checked against the default list's items when those share one kind; a null default takes anything.

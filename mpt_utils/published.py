@@ -68,7 +68,7 @@ def published_curves(table: str, *, metric: str = "wikitext2_ppl", x: str = "rat
                      rename: Mapping[str, str] | None = None, min_points: int = 1) -> Iterator[Curve]:
     """Yield (label, x, y) per group of `by` (in table order), for `metric` against column `x`.
 
-    NaN values stay in (the fit drops and counts them); groups with fewer than `min_points`
+    NaN values stay in (the fit keeps them as censored collapses); groups with fewer than `min_points`
     finite values are skipped. `where` filters rows, e.g. {"pattern": "unstructured"}; a label is
     `rename.get(group, group) + suffix`.
     """
