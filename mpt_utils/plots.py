@@ -17,9 +17,11 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
 
-from mpt_utils.ptp import COLLAPSE_PPL, PTPFit, collapsed
+from mpt_utils.ptp import COLLAPSE_PPL, NearLossless, PTPFit, collapsed
 
 COLLAPSED_LABEL = "collapsed (PPL = inf)"
+LIMIT_LABEL = "near-lossless limit"  # legend entry of the limit markers (the PTP keeps its star)
+LIMIT_MARKER = "D"
 COLLAPSED_Y = 0.97  # height of the collapse markers, as a fraction of the axes (the top edge)
 HEADROOM = 3.0  # with collapsed points, the y axis ends this × above the largest finite value (log)
 
@@ -132,12 +134,43 @@ def barplot(ax: plt.Axes, data: pd.DataFrame, *, y: str, logy: bool = False,
     return ax
 
 
-def plot_ptp_curves(ax: plt.Axes, curves: Iterable[tuple[str, Sequence[float], Sequence[float]]],
-                    fits: Mapping[str, PTPFit] | None = None, *, logy: bool = True,
+def mark_limit(ax: plt.Axes, limit: NearLossless, color: str | Sequence[float] | None = None,
+               size: float = 6.0) -> None:
+    """The near-lossless limit of one curve: a dotted vertical line at the limit, a hollow diamond
+    where the curve meets the threshold, and a horizontal bar over its SE interval (when it has one).
+    Distinct from the PTP's filled star, so knee and limit can be told apart where they disagree.
+    A curve still within the tolerance at its last point gets a hollow triangle there instead,
+    pointing toward more compression: the limit lies at least that far (call this after the x axis
+    has its final direction)."""
+    if not np.isfinite(limit.limit):
+        return
+    x = float(limit.to_native(limit.limit))
+    y = limit.dense * limit.relative(limit.limit)  # the threshold where the curve crosses it
+    if not np.isfinite(y):
+        y = limit.threshold
+    marker = LIMIT_MARKER
+    if limit.high_open and limit.limit == limit.high:
+        rightward = ax.xaxis_inverted() == (limit.axis == "bits")  # where compression grows on screen
+        marker = ">" if rightward else "<"
+    ax.axvline(x, color=color, ls=":", lw=1.0, alpha=0.7, zorder=2, label="_nolegend_")
+    lo, hi = (float(v) for v in limit.to_native([limit.low, limit.high]))
+    xerr = [[abs(x - lo)], [abs(hi - x)]] if limit.low < limit.high else None
+    ax.errorbar([x], [y], xerr=xerr, fmt=marker, ms=size, mfc="white", mec=color or "black",
+                mew=1.2, ecolor=color, elinewidth=1.0, capsize=2, zorder=4, label="_nolegend_")
+    if LIMIT_LABEL not in ax.get_legend_handles_labels()[1]:
+        ax.add_line(Line2D([], [], ls=":", marker=LIMIT_MARKER, ms=size, color="0.4", mfc="white", label=LIMIT_LABEL))
+
+
+def plot_ptp_curves(ax: plt.Axes, curves: Iterable[tuple],
+                    fits: Mapping[str, PTPFit] | None = None, *,
+                    limits: Mapping[str, NearLossless] | None = None, logy: bool = True,
                     palette: str | Sequence | None = None, title: str | None = None,
                     xlabel: str | None = None, ylabel: str = "perplexity", legend: bool = True,
                     invert_bits: bool = True) -> plt.Axes:
-    """Scatter each (label, x, y) curve, draw its fit, star its PTP (only where a PTP was found).
+    """Scatter each (label, x, y) or (label, x, y, y_se) curve, draw its fit, star its PTP (only where
+    a PTP was found) and, given `limits` (e.g. from `mpt_utils.ptp.limits_all`), mark its near-lossless
+    limit (`mark_limit`: dotted line and hollow diamond, or a hollow triangle where the curve never
+    leaves the tolerance; one legend entry). With y_se, the points get ±SE error bars.
 
     x is on the curve's own axis (sparsity, or bits for a bit-axis fit). A solid line is eq. 5 with a
     PTP; a dashed line is the simple law that won instead. Bit axes run from many bits to few, so
@@ -146,10 +179,16 @@ def plot_ptp_curves(ax: plt.Axes, curves: Iterable[tuple[str, Sequence[float], S
     a little above the largest finite value, since the fit's collapse branch runs on through them.
     """
     curves = list(curves)
-    fits = fits or {}
+    fits, limits = fits or {}, limits or {}
     colors = sns.color_palette(palette, n_colors=max(len(curves), 1))
     bit_axis, y_max, any_collapsed = False, -np.inf, False
-    for color, (label, x, y) in zip(colors, curves):
+    for color, (label, x, y, *rest) in zip(colors, curves):
+        se = rest[0] if rest and rest[0] is not None else None
+        if se is not None:
+            xe, ye, see = (np.asarray(v, dtype=float).ravel() for v in (x, y, se))
+            ok = np.isfinite(xe) & ~collapsed(ye) & np.isfinite(see)
+            ax.errorbar(xe[ok], ye[ok], yerr=see[ok], fmt="none", ecolor=color, elinewidth=0.8, zorder=2,
+                        label="_nolegend_")
         xs, ys, xc = split_collapsed(x, y)
         ax.scatter(xs, ys, color=color, s=18, zorder=3)
         mark_collapsed(ax, xc, color=color)
@@ -166,12 +205,16 @@ def plot_ptp_curves(ax: plt.Axes, curves: Iterable[tuple[str, Sequence[float], S
         if fit.has_ptp:
             ax.scatter(fit.to_native(fit.s0), fit.predict(fit.s0), marker="*", s=160, color=color,
                        edgecolor="black", linewidth=0.6, zorder=4)
+    bit_axis |= any(limits[c[0]].axis == "bits" for c in curves if c[0] in limits)
     if logy:
         ax.set_yscale("log")
-    if any_collapsed:
-        cap_top(ax, y_max, logy)
     if bit_axis and invert_bits and not ax.xaxis_inverted():
         ax.invert_xaxis()
+    for color, (label, *_) in zip(colors, curves):
+        if label in limits:
+            mark_limit(ax, limits[label], color=color)
+    if any_collapsed:
+        cap_top(ax, y_max, logy)
     ax.set(xlabel=xlabel or ("bits per weight" if bit_axis else "compression ratio (sparsity)"), ylabel=ylabel)
     if title:
         ax.set_title(title)

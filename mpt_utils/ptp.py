@@ -20,7 +20,12 @@ How the fit works:
   got a "PTP" in 30-50% of noisy draws;
 - the 95% interval for s0 is a profile interval over s0: by default the small-sample F rule of
   nonlinear regression, (RSS(s0) − RSS_min)/(RSS_min/(n−6)) ≤ F(1, n−6); `ci="chi2"` gives the
-  large-sample rule n·log(RSS(s0)/RSS_min) ≤ χ²₁, which undercovers on 8-13 points (see `_ci`);
+  large-sample rule n·log(RSS(s0)/RSS_min) ≤ χ²₁, which undercovers on 8-13 points (see `_ci`).
+  An interval that still holds at the first or last admissible s0 is flagged open-ended
+  (`ci_low_open` / `ci_high_open`, shown as "≤" / "≥"): the grid, not the data, stopped it there;
+- per-point standard errors (`y_se`, e.g. the perplexity evaluator's SE over windows) weight the fit
+  in log space by 1/(se_log² + noise_floor²), se_log = se/PPL; the s0 interval is then never
+  narrower than the known-variance profile interval, so it widens with the SEs (`fit_ptp`, `_ci`);
 - the piecewise law must beat both a pure power law (A·s^α + B) and a pure quadratic exponential
   exp(a + βs + γs²) on BIC, by `min_delta_bic`, with s0 inside the data and a real collapse after it,
   before a PTP is reported. Otherwise the verdict is "no PTP in range": we never invent one;
@@ -31,6 +36,10 @@ How the fit works:
   model (a hard-bound Tobit likelihood): no cost while the model predicts at or above c, a squared
   shortfall below it. The bound sits above the largest finite value (2× by default) because "at least
   the largest finite value" cannot tell a collapse from a plateau: a flat law would meet it for free.
+
+Beside the knee, `near_lossless_limit` gives the Perspective's other safe bound: the largest ratio
+whose measured PPL stays within ΔPPL ≈ 1.5 of dense (by default as a ratio, dense × (1 + 1.5/5.47)),
+and `knee_vs_limit` says where the two disagree.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 from scipy.optimize import brentq, leastsq, minimize_scalar
-from scipy.stats import chi2
+from scipy.stats import chi2, norm
 from scipy.stats import f as f_dist
 
 from mpt_utils.errors import MPTError
@@ -164,8 +173,9 @@ def _inactive(r: np.ndarray, cens: np.ndarray | None) -> np.ndarray | None:
 
 
 def _fit_power(s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float],
-               cens: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Pure power law on all points; returns (log A, α, log B) and the log-space RSS."""
+               cens: np.ndarray | None = None, sw: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Pure power law on all points; returns (log A, α, log B) and the log-space RSS (weighted by
+    `sw`², the inverse per-point variances, when given)."""
 
     def unpack(t):
         alpha, dadu = _alpha(t[1], alpha_bounds)
@@ -177,6 +187,8 @@ def _fit_power(s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float],
     def residual(t):
         log_a, alpha, log_b, _ = unpack(t)
         r = _censor(_power_terms(log_a, alpha, log_b, log_s, log_s0)[0] - y, cens)
+        if sw is not None:
+            r = r * sw
         return r if math.isfinite(float(r.sum())) else np.full_like(r, 1e6)
 
     def jac(t):
@@ -186,31 +198,33 @@ def _fit_power(s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float],
         off = _inactive(value - y, cens)
         if off is not None:
             out[off] = 0.0
-        return out
+        return out if sw is None else out * sw[:, None]
 
     log_a, alpha, log_b = _power_init(s, y)
     theta, rss = _solve(residual, jac, np.array([log_a, _alpha_inverse(alpha, alpha_bounds), log_b]))
     return np.array([theta[0], _alpha(theta[1], alpha_bounds)[0], theta[2]]), rss
 
 
-def _fit_exp(s: np.ndarray, y: np.ndarray, cens: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Quadratic in log L: exact linear least squares, or from there Levenberg-Marquardt on the
-    one-sided residuals when some points are censored."""
-    gamma, beta, a = np.polyfit(s, y, 2)
+def _fit_exp(s: np.ndarray, y: np.ndarray, cens: np.ndarray | None = None,
+             sw: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Quadratic in log L: exact (weighted) linear least squares, or from there Levenberg-Marquardt
+    on the one-sided residuals when some points are censored."""
+    gamma, beta, a = np.polyfit(s, y, 2, w=sw)
     theta = np.array([a, beta, gamma])
+    scale = np.ones_like(s) if sw is None else sw
     if cens is not None:
         design = np.column_stack([np.ones_like(s), s, s * s])
 
         def residual(t):
-            return _censor(design @ t - y, cens)
+            return _censor(design @ t - y, cens) * scale
 
         def jac(t):
-            out = design.copy()
+            out = design * scale[:, None]
             out[_inactive(design @ t - y, cens)] = 0.0
             return out
 
         theta, _ = _solve(residual, jac, theta)
-    return theta, float(np.sum(_censor(_log_exp(theta, s) - y, cens) ** 2))
+    return theta, float(np.sum((_censor(_log_exp(theta, s) - y, cens) * scale) ** 2))
 
 
 def _piecewise_start(s: np.ndarray, y: np.ndarray, s0: float) -> np.ndarray:
@@ -253,14 +267,14 @@ class _Profile:
     """
 
     def __init__(self, s: np.ndarray, y: np.ndarray, alpha_bounds: tuple[float, float],
-                 cens: np.ndarray | None = None):
-        self.s, self.y, self.bounds, self.cens = s, y, alpha_bounds, cens
+                 cens: np.ndarray | None = None, sw: np.ndarray | None = None):
+        self.s, self.y, self.bounds, self.cens, self.sw = s, y, alpha_bounds, cens, sw
         self.seen: dict[float, tuple[float, np.ndarray]] = {}
 
     def _model(self, s0: float):
         """Residual, Jacobian and θ <-> u maps at this s0. Arrays hold ~10 points, where each numpy call
         costs more than its arithmetic, so the code keeps the number of array operations small."""
-        s, y, cens, pre = self.s, self.y, self.cens, self.s <= s0
+        s, y, cens, sw, pre = self.s, self.y, self.cens, self.sw, self.s <= s0
         d = np.where(pre, 0.0, s - s0)
         d2 = d * d
         clamped = np.where(pre, s, s0)  # past s0 the power-law part is frozen at its value at s0
@@ -288,6 +302,8 @@ class _Profile:
 
         def residual(u):
             r = _censor(raw(u), cens)
+            if sw is not None:
+                r = r * sw
             return r if math.isfinite(float(r.sum())) else np.full_like(r, 1e6)  # a wild lm step
 
         def log_a_s(u, alpha):
@@ -305,7 +321,7 @@ class _Profile:
             cols[:, 3] = e * (0.5 * (1.0 + math.tanh(0.5 * u[3])))
             if mono:
                 cols[:, 4] = d2 * (0.5 * (1.0 + math.tanh(0.5 * u[4])))
-            out = cols.copy()
+            out = cols.copy() if sw is None else cols * sw[:, None]
             if cens is not None:
                 out[_inactive(raw(u), cens)] = 0.0
             return out
@@ -371,9 +387,21 @@ def _best_s0(profile: _Profile, grid: np.ndarray, scale: float) -> tuple[float, 
     return (float(res.x) if profile(res.x)[0] <= rss[k] else float(grid[k])), None
 
 
-def _information(rss: float, n: int, k: int, floor: float) -> tuple[float, float]:
-    """(AICc, BIC) for Gaussian errors; `floor` is the smallest per-point variance we believe in."""
-    ll_term = n * math.log((rss + n * floor) / n)
+def _information(rss: float, n: int, k: int, floor: float, share: float | None = None) -> tuple[float, float]:
+    """(AICc, BIC) for Gaussian errors; `floor` is the smallest per-point variance we believe in.
+
+    Weighted (`share` given): `rss` is χ² = Σ r²/v with v = se_log² + floor, and `share` = Σ floor/v is
+    the floor's part of it, so ψ = (χ² + share)/n is the unweighted rule's (RSS + n·floor)/n measured
+    in units of each point's variance. ψ ≥ 1: the scatter exceeds the SEs and its scale is estimated,
+    −2 log L = n(1 + log ψ), exactly the unweighted form when every SE is 0; ψ < 1: the SEs hold and
+    −2 log L = n·ψ (known variances). Both meet with equal slope at ψ = 1; constants common to all
+    models are dropped.
+    """
+    if share is not None:
+        psi = (rss + share) / n
+        ll_term = n * psi if psi < 1.0 else n * (1.0 + math.log(psi))
+    else:
+        ll_term = n * math.log((rss + n * floor) / n)
     aicc = ll_term + 2 * k + (2 * k * (k + 1) / (n - k - 1) if n - k - 1 > 0 else math.inf)
     return aicc, ll_term + k * math.log(n)
 
@@ -417,6 +445,24 @@ class PTPFit:
     y: np.ndarray = field(default_factory=lambda: np.array([]), repr=False)
     censored: np.ndarray = field(default_factory=lambda: np.array([], dtype=bool), repr=False)
     censor_bound: float = math.nan  # PPL lower bound of the censored points (nan when none)
+    ci_low_open: bool = False  # the s0 interval reaches the first admissible s0: its true low end is lower
+    ci_high_open: bool = False  # ... the last admissible s0: its true high end is higher
+    weighted: bool = False  # fitted with per-point standard errors (`y_se`)
+    y_se: np.ndarray = field(default_factory=lambda: np.array([]), repr=False)  # PPL SEs as fitted (0 = none)
+    chi2_red: float = math.nan  # weighted fit: χ²/(n − 6) of eq. 5; ≫ 1 means the SEs miss most of the scatter
+
+    @property
+    def s0_ci_text(self) -> str:
+        """The s0 interval on the ratio axis with its open ends marked, e.g. "≤0.200–0.450"."""
+        return interval_text(*self.s0_ci, self.ci_low_open, self.ci_high_open)
+
+    @property
+    def ptp_ci_text(self) -> str:
+        """The interval on the curve's own axis (bits run the other way: an open high ratio is "≤ bits")."""
+        if self.axis != "bits":
+            return self.s0_ci_text
+        lo, hi = self.ptp_bits_ci
+        return interval_text(lo, hi, self.ci_high_open, self.ci_low_open, digits=2, unit=" bits")
 
     @property
     def ptp_bits(self) -> float | None:
@@ -479,8 +525,9 @@ def _as_floats(values, name: str) -> np.ndarray:
         raise MPTError(f"{name} is not a sequence of numbers", f"pass {name} as numbers, e.g. a list or array") from None
 
 
-def _validate(x, y, axis: str, baseline_bits: float) -> tuple[np.ndarray, np.ndarray]:
-    """Reject what cannot be a compression curve before any fitting, one clear error each."""
+def _validate(x, y, axis: str, baseline_bits: float, ppl: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Reject what cannot be a compression curve before any fitting, one clear error each.
+    `ppl=False`: y is a score that falls with damage (an accuracy), where 0 is a valid value."""
     if axis not in AXES:
         raise MPTError(f"unknown axis {axis!r}", f"use one of: {', '.join(AXES)}")
     x, y = _as_floats(x, "x"), _as_floats(y, "y")
@@ -505,7 +552,10 @@ def _validate(x, y, axis: str, baseline_bits: float) -> tuple[np.ndarray, np.nda
             i = int(np.flatnonzero(x <= 0)[0])
             raise MPTError(f"x[{i}]={x[i]:g} bits per weight is not positive", "pass bit widths > 0, e.g. 2, 3, 4, 8, 16")
     with np.errstate(invalid="ignore"):
-        bad = y <= 0  # NaN is a collapse (censored), a zero or negative PPL is a bug upstream
+        bad = y <= 0 if ppl else y < 0  # NaN is a collapse (censored), a zero or negative PPL is a bug upstream
+    if bad.any() and not ppl:
+        i = int(np.flatnonzero(bad)[0])
+        raise MPTError(f"y[{i}]={y[i]:g} (at x={x[i]:g}) is a negative score", "pass scores ≥ 0 (NaN for a failed run)")
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise MPTError(f"y[{i}]={y[i]:g} (at x={x[i]:g}) is not a positive perplexity",
@@ -513,10 +563,25 @@ def _validate(x, y, axis: str, baseline_bits: float) -> tuple[np.ndarray, np.nda
     return x, y
 
 
-def _prepare(x, y, axis: str, baseline_bits: float, collapse_ppl: float, censor_factor: float
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Sorted ratios s, log-PPL targets, the censored mask and the censoring bound (log; nan if none).
-    Repeated ratios are kept as replicates (e.g. seeds): each point adds its own residual."""
+def _check_se(y_se, y: np.ndarray, cens: np.ndarray) -> np.ndarray:
+    """Per-point standard errors of the PPL, validated; NaN (an evaluator could not estimate one, e.g.
+    from a single window) counts as 0, i.e. only the model floor. Ignored at collapsed points."""
+    se = _as_floats(y_se, "y_se")
+    if se.shape != y.shape:
+        raise MPTError(f"y_se has {se.size} values but y has {y.size}", "pass one standard error per PPL value")
+    with np.errstate(invalid="ignore"):
+        bad = ~cens & ((se < 0) | np.isinf(se))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise MPTError(f"y_se[{i}]={se[i]:g} is not a standard error", "pass standard errors ≥ 0 (NaN where unknown)")
+    return np.where(cens | np.isnan(se), 0.0, se)
+
+
+def _prepare(x, y, axis: str, baseline_bits: float, collapse_ppl: float, censor_factor: float, y_se=None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray | None]:
+    """Sorted ratios s, log-PPL targets, the censored mask, the censoring bound (log; nan if none) and
+    the PPL standard errors (None when not given). Repeated ratios are kept as replicates (e.g. seeds):
+    each point adds its own residual."""
     x, y = _validate(x, y, axis, baseline_bits)
     s = bits_to_ratio(x, baseline_bits) if axis == "bits" else x
     cens = collapsed(y, collapse_ppl)
@@ -529,22 +594,51 @@ def _prepare(x, y, axis: str, baseline_bits: float, collapse_ppl: float, censor_
     ly = np.log(np.where(cens, 1.0, y))
     bound = float(ly[~cens].max() + math.log(censor_factor)) if cens.any() else math.nan
     ly[cens] = bound
+    se = None if y_se is None else _check_se(y_se, y, cens)
     order = np.argsort(s, kind="stable")
-    return s[order], ly[order], cens[order], bound
+    return s[order], ly[order], cens[order], bound, (None if se is None else se[order])
+
+
+def _weights(se: np.ndarray, ppl: np.ndarray, cens: np.ndarray, floor: float) -> np.ndarray:
+    """√ of the inverse log-space variances v = (se/PPL)² + noise_floor². A collapsed point has no SE
+    of its own: it gets the median variance of the measured points, so that its one-sided penalty
+    weighs like a typical point rather than like the best-measured one."""
+    var = (se / ppl) ** 2 + floor
+    if (~cens).any():
+        var = np.where(cens, float(np.median(var[~cens])), var)
+    if not (var > 0).all():
+        raise MPTError("a point has zero variance (y_se = 0 and noise_floor = 0): its weight is infinite",
+                       "pass noise_floor > 0 (the model's own scatter) or positive standard errors")
+    return 1.0 / np.sqrt(var)
 
 
 def _ci(profile: _Profile, grid: np.ndarray, s0: float, rss_min: float, n: int, floor: float,
-        level: float, method: str) -> tuple[float, float]:
+        level: float, method: str, share: float | None = None) -> tuple[float, float, bool, bool]:
     """Profile interval for s0: every s0 whose best fit is not significantly worse than the optimum.
+    Returns (low, high, low_open, high_open); an end is open when the interval still holds at the
+    first / last admissible s0 of the grid: the data cannot place s0 beyond it, so the true end lies
+    further out than the number says.
 
     "chi2": n·log(RSS(s0)/RSS_min) ≤ χ²₁ — the large-sample likelihood-ratio rule. With 6 fitted
     parameters on 8-13 points it undercovers (σ² = RSS/n is biased low by (n−6)/n), so the default
     "f" uses the small-sample profile rule of nonlinear regression:
     (RSS(s0) − RSS_min) / (RSS_min/(n − 6)) ≤ F(1, n − 6).
+
+    Weighted (RSS = χ² = Σ r²/v, v = se_log² + floor, `share` = Σ floor/v): the rule above in units
+    of each point's variance, base = χ²_min + share (exactly the unweighted rule when every SE is 0),
+    but never tighter than the known-variance rule Δχ² ≤ χ²₁. So the interval widens as the SEs grow,
+    and SEs smaller than the real scatter cannot make it tighter than the scatter allows.
     """
     base = rss_min + n * floor
     df = n - (N_PARAMS["piecewise"] - 1)
-    if method == "chi2":
+    if share is not None:
+        q, base = chi2.ppf(level, 1), rss_min + share
+        scaled = f_dist.ppf(level, 1, df) * base / df if method == "f" else base * math.expm1(q / n)
+        thr = max(q, scaled)
+
+        def excess(v: float) -> float:
+            return profile(v)[0] - rss_min - thr
+    elif method == "chi2":
         thr = chi2.ppf(level, 1)
 
         def excess(v: float) -> float:
@@ -566,7 +660,7 @@ def _ci(profile: _Profile, grid: np.ndarray, s0: float, rss_min: float, n: int, 
         lo = brentq(excess, pts[lo_i - 1], pts[lo_i], xtol=1e-5)
     if hi_i < len(pts) - 1:
         hi = brentq(excess, pts[hi_i], pts[hi_i + 1], xtol=1e-5)
-    return float(lo), float(hi)
+    return float(lo), float(hi), bool(lo_i == 0), bool(hi_i == len(pts) - 1)
 
 
 def _collapses(theta: np.ndarray, s0: float, s_max: float) -> bool:
@@ -579,7 +673,7 @@ def _collapses(theta: np.ndarray, s0: float, s_max: float) -> bool:
     return post_rise > 0 and post_rise > pre_slope
 
 
-def fit_ptp(x, y, *, axis: str = "sparsity", baseline_bits: float = 16.0, min_pre: int = 2,
+def fit_ptp(x, y, *, y_se=None, axis: str = "sparsity", baseline_bits: float = 16.0, min_pre: int = 2,
             min_post: int = 2, per_gap: int = 4, alpha_bounds: tuple[float, float] = (0.1, 5.0),
             noise_floor: float = 5e-3, min_delta_bic: float = 2.0, level: float = 0.95,
             ci: str = "f", collapse_ppl: float = COLLAPSE_PPL, censor_factor: float = CENSOR_FACTOR) -> PTPFit:
@@ -597,39 +691,58 @@ def fit_ptp(x, y, *, axis: str = "sparsity", baseline_bits: float = 16.0, min_pr
     fewer than 7 points (or 3 distinct ratios) give a "too few points" verdict, as eq. 5 needs 7.
     `noise_floor` (log-space std) keeps a perfect fit of a few points from claiming infinite
     evidence; `min_delta_bic` = 2 is the usual "positive evidence" margin on BIC.
+
+    `y_se`: optional standard error of each PPL (e.g. `PerplexityResult.ppl_se`, the spread over
+    evaluation windows; NaN = unknown, counted as 0). With it the fit is weighted in log space,
+    w = 1/(se_log² + noise_floor²) with se_log = se/PPL (delta method), `noise_floor` standing for the
+    model's own scatter around eq. 5. A noisy point then pulls the fit less, and the s0 interval is
+    the wider of the known-variance profile interval (Δχ² ≤ χ²₁, which grows with the SEs) and the
+    residual-based one used without SEs (see `_ci`): larger SEs can only widen it. This is a weighted
+    profile interval, not a bootstrap: it is deterministic, costs one fit (a parametric bootstrap of
+    the points costs a few hundred), and a bootstrap of s0 on 7-13 points mostly resamples which grid
+    gap the knee falls in, a lumpy distribution whose percentiles are unstable. Without `y_se`, the
+    fit is exactly the unweighted one.
     """
     _check_options(min_pre, min_post, per_gap, alpha_bounds, noise_floor, level, ci, collapse_ppl, censor_factor)
-    s, ly, censored, bound = _prepare(x, y, axis, baseline_bits, collapse_ppl, censor_factor)
+    s, ly, censored, bound, se = _prepare(x, y, axis, baseline_bits, collapse_ppl, censor_factor, y_se)
     n, n_cens = int(s.size), int(censored.sum())
     cens = censored if n_cens else None  # None: the plain least squares, no censoring bookkeeping
     uniq = np.unique(s)
     floor = noise_floor ** 2
+    weighted = se is not None
+    sw = _weights(se, np.exp(ly), censored, floor) if weighted else None
+    share = float(np.sum(floor * sw ** 2)) if weighted else None  # the noise floor's part of χ² (_information)
     nan_params = dict.fromkeys(("A", "alpha", "B", "s0", "beta", "gamma"), math.nan)
     base = dict(n_points=n, n_censored=n_cens, axis=axis, baseline_bits=baseline_bits, s=s, y=np.exp(ly),
-                censored=censored, censor_bound=math.exp(bound) if n_cens else math.nan)
+                censored=censored, censor_bound=math.exp(bound) if n_cens else math.nan, weighted=weighted,
+                y_se=se if weighted else np.array([]))
     note = f"; {n_cens} collapsed point(s) censored at PPL ≥ {math.exp(bound):.4g}" if n_cens else ""
     if uniq.size < 3:
         return PTPFit(params=nan_params, s0=math.nan, s0_ci=(math.nan, math.nan), has_ptp=False,
                       verdict=f"too few points (n={n}, {uniq.size} distinct) to fit: no PTP claimed{note}",
                       rss=math.nan, r2=math.nan, aic={}, bic={}, **base)
 
-    fits: dict[str, tuple[np.ndarray, float]] = {"exp": _fit_exp(s, ly, cens),
-                                                 "power": _fit_power(s, ly, alpha_bounds, cens)}
+    fits: dict[str, tuple[np.ndarray, float]] = {"exp": _fit_exp(s, ly, cens, sw),
+                                                 "power": _fit_power(s, ly, alpha_bounds, cens, sw)}
     simple = {"power": dict(zip(("A", "alpha", "B"), (math.exp(fits["power"][0][0]), fits["power"][0][1],
                                                       math.exp(fits["power"][0][2])))),
               "exp": dict(zip(("a", "beta", "gamma"), map(float, fits["exp"][0])))}
     grid = _s0_grid(uniq, min_pre, min_post, per_gap)
-    s0, s0_ci, theta, flat = math.nan, (math.nan, math.nan), None, None
+    s0, s0_ci, theta, flat, ci_open = math.nan, (math.nan, math.nan), None, None, (False, False)
     if grid.size and n > N_PARAMS["piecewise"] - 1:  # 6 parameters: with n ≤ 6 points eq. 5 interpolates
-        profile = _Profile(s, ly, alpha_bounds, cens)
-        s0, flat = _best_s0(profile, grid, scale=n * floor)
+        profile = _Profile(s, ly, alpha_bounds, cens, sw)
+        s0, flat = _best_s0(profile, grid, scale=n if weighted else n * floor)  # χ² counts ~1 per point
         rss_pw, theta = profile(s0)
         fits["piecewise"] = (theta, rss_pw)
-        s0_ci = _ci(profile, grid, s0, rss_pw, n, floor, level, ci)
+        *s0_ci, lo_open, hi_open = _ci(profile, grid, s0, rss_pw, n, floor, level, ci, share)
+        s0_ci, ci_open = tuple(s0_ci), (lo_open, hi_open)
+        if weighted:
+            base["chi2_red"] = rss_pw / (n - (N_PARAMS["piecewise"] - 1))
+            note += f"; weighted by per-point SEs (reduced χ² {base['chi2_red']:.2f})"
 
     aic, bic = {}, {}
     for name, (_, rss) in fits.items():
-        aic[name], bic[name] = _information(rss, n, N_PARAMS[name], floor)
+        aic[name], bic[name] = _information(rss, n, N_PARAMS[name], floor, share)
     best_simple = min(("power", "exp"), key=lambda m: bic[m])
 
     if theta is None:
@@ -647,27 +760,39 @@ def fit_ptp(x, y, *, axis: str = "sparsity", baseline_bits: float = 16.0, min_pr
     params = {"A": math.exp(theta[0]), "alpha": float(theta[1]), "B": math.exp(theta[2]), "s0": s0,
               "beta": float(theta[3]), "gamma": float(theta[4])}
     verdict = _verdict(has_ptp, delta, min_delta_bic, best_simple, inside, collapse, s0, s0_ci, axis,
-                       baseline_bits)
+                       baseline_bits, ci_open)
     if flat is not None:
         verdict += f" [flat profile: s0 not identified within {flat[0]:.3f}–{flat[1]:.3f}]"
     finite = ~censored  # R² is only defined where a value was measured
     resid = _log_piecewise(theta, s[finite], s0) - ly[finite]
     tss = float(np.sum((ly[finite] - ly[finite].mean()) ** 2))
-    return PTPFit(params=params, s0=s0, s0_ci=s0_ci, has_ptp=has_ptp, verdict=verdict + note,
+    return PTPFit(params=params, s0=s0, s0_ci=s0_ci, ci_low_open=ci_open[0], ci_high_open=ci_open[1],
+                  has_ptp=has_ptp, verdict=verdict + note,
                   rss=fits["piecewise"][1], r2=1.0 - float(resid @ resid) / tss if tss > 0 else math.nan,
                   aic=aic, bic=bic, model="piecewise" if has_ptp else best_simple, delta_bic=float(delta),
                   s0_flat=flat, rss_models={m: f[1] for m, f in fits.items()}, simple_params=simple,
                   thetas={m: f[0] for m, f in fits.items()}, **base)
 
 
+def interval_text(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False, digits: int = 3,
+                  unit: str = "") -> str:
+    """"lo–hi" with an open end shown as a bound: "≤0.200–0.450" (the low end may lie lower),
+    "0.550–≥0.700" (the high end may lie higher); "" when the interval is not defined."""
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    return f"{'≤' if lo_open else ''}{lo:.{digits}f}–{'≥' if hi_open else ''}{hi:.{digits}f}{unit}"
+
+
 def _verdict(has_ptp: bool, delta: float, margin: float, best_simple: str, inside: bool, collapse: bool,
-             s0: float, ci: tuple[float, float], axis: str, baseline_bits: float) -> str:
+             s0: float, ci: tuple[float, float], axis: str, baseline_bits: float,
+             ci_open: tuple[bool, bool] = (False, False)) -> str:
     if has_ptp:
         if axis == "bits":
             b, (b_lo, b_hi) = ratio_to_bits(s0, baseline_bits), ratio_to_bits(np.array(ci), baseline_bits)
-            return (f"PTP at {b:.2f} bits (s0={s0:.3f}, 95% CI {b_hi:.2f}–{b_lo:.2f} bits); "
-                    f"ΔBIC={delta:.1f} vs {best_simple}")
-        return f"PTP at s0={s0:.3f} (95% CI {ci[0]:.3f}–{ci[1]:.3f}); ΔBIC={delta:.1f} vs {best_simple}"
+            text = interval_text(b_hi, b_lo, ci_open[1], ci_open[0], digits=2, unit=" bits")
+            return f"PTP at {b:.2f} bits (s0={s0:.3f}, 95% CI {text}); ΔBIC={delta:.1f} vs {best_simple}"
+        return (f"PTP at s0={s0:.3f} (95% CI {interval_text(*ci, *ci_open)}); "
+                f"ΔBIC={delta:.1f} vs {best_simple}")
     if delta <= margin:
         return f"no PTP in range: {best_simple} law preferred or tied on BIC (ΔBIC={delta:.1f} ≤ {margin:g})"
     if not inside:
@@ -676,10 +801,241 @@ def _verdict(has_ptp: bool, delta: float, margin: float, best_simple: str, insid
 
 
 # ----------------------------------------------------------------------------------------------
+# the near-lossless limit
+# ----------------------------------------------------------------------------------------------
+
+# The Perspective ("Phase Transitions in Large Language Model Compression: A Perspective", repository
+# github.com/whucs21Mzy/Model-Phase-Transitions) calls the regime before the PTP "near-lossless": the
+# average downstream score stays within 5% of dense, or, the more direct observable, WikiText-2 PPL
+# within ΔPPL ≈ 1.5 of dense (LLaMA2-7B: ~5.5 dense to ~7.0 at the PTP). An absolute ΔPPL means
+# little on a model whose dense PPL is 14 or 22, so by default it is carried over as a ratio of the
+# dense PPL it was read on: 1.5 / 5.47 (LLaMA-2-7B, WikiText-2, 2048-token windows) ≈ 27% relative.
+NEAR_LOSSLESS_DPPL = 1.5
+LLAMA2_7B_DENSE_PPL = 5.47
+NEAR_LOSSLESS_REL = NEAR_LOSSLESS_DPPL / LLAMA2_7B_DENSE_PPL
+DOWNSTREAM_TOLERANCE = 0.05  # relative, for an average downstream score (higher_is_better=True)
+
+
+@dataclass
+class NearLossless:
+    """The near-lossless limit of one curve: the largest compression ratio up to which the measured
+    metric stays within the tolerance of dense. Ratios are on the compression-ratio axis, like
+    `PTPFit.s0`; `to_native` converts to bits for a bit-axis curve.
+
+    `low`/`high`: where the curve's upper / lower SE band (at `level`) crosses the threshold; both
+    equal `limit` without SEs. `high_open`: the (lower band of the) curve is still within at the last
+    measured ratio, so the limit is at least `high`; `low_open`: already over at the first point.
+    `bracket`: the measured ratios on either side of the crossing (what interpolation bridges).
+    `threshold` is the metric value at the limit: dense × (1 + delta) for a relative PPL tolerance.
+    """
+
+    limit: float
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+    threshold: float
+    dense: float
+    dense_source: str
+    delta: float
+    absolute: bool = False
+    higher_is_better: bool = False
+    axis: str = "sparsity"
+    baseline_bits: float = 16.0
+    bracket: tuple[float, float] = (math.nan, math.nan)
+    s: np.ndarray = field(default_factory=lambda: np.array([]), repr=False)  # interpolation nodes
+    damage: np.ndarray = field(default_factory=lambda: np.array([]), repr=False)  # ±log(metric/dense); inf: collapsed
+
+    def to_native(self, s) -> np.ndarray:
+        """Compression ratio -> the curve's own axis (bits for a bit-axis curve)."""
+        return ratio_to_bits(s, self.baseline_bits) if self.axis == "bits" else np.asarray(s, dtype=float)
+
+    def relative(self, s: float) -> float:
+        """metric / dense at ratio `s` on the measured curve (linear in log metric between points);
+        inf past a collapsed point, NaN outside the measured range."""
+        s = float(s)
+        if not (self.s.size and self.s[0] <= s <= self.s[-1]):
+            return math.nan
+        j = min(int(np.searchsorted(self.s, s, side="right")), self.s.size - 1)
+        i = max(j - 1, 0)
+        a, b = self.damage[i], self.damage[j]
+        if s == self.s[i]:
+            d = a
+        elif not (math.isfinite(a) and math.isfinite(b)):
+            d = math.inf
+        else:
+            d = a + (b - a) * (s - self.s[i]) / (self.s[j] - self.s[i])
+        return math.exp(-d if self.higher_is_better else d)
+
+    def text(self, digits: int = 3) -> str:
+        """The limit on the curve's own axis with its SE interval, open ends as bounds:
+        "0.521 (0.498–0.547)", "≥0.800", "≤2.00 bits"."""
+        if not math.isfinite(self.limit):
+            return ""
+        bits = self.axis == "bits"
+        unit, digits = (" bits", 2) if bits else ("", digits)
+        value = float(self.to_native(self.limit))
+        if self.high_open and self.limit == self.high:
+            return f"{'≤' if bits else '≥'}{value:.{digits}f}{unit}"
+        lo, hi = (float(v) for v in self.to_native([self.low, self.high]))
+        text = f"{value:.{digits}f}{unit}"
+        if self.low < self.high:  # bits run the other way: swap the ends and their open flags
+            inner = (interval_text(hi, lo, self.high_open, self.low_open, digits) if bits
+                     else interval_text(lo, hi, self.low_open, self.high_open, digits))
+            text += f" ({inner})"
+        return text
+
+
+def _positive(value) -> bool:
+    try:
+        return math.isfinite(float(value)) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _threshold(dense: float, delta: float, absolute: bool, higher_is_better: bool) -> float:
+    """The tolerance as a damage d = ±log(metric/dense): the largest d still near-lossless."""
+    if higher_is_better:
+        floor = dense - delta if absolute else dense * (1.0 - delta)
+        if floor <= 0:
+            raise MPTError(f"delta={delta:g} leaves no score above 0 (dense {dense:g})",
+                           "pass a tolerance below the dense score, e.g. delta=0.05 (5% relative)")
+        return -math.log(floor / dense)
+    return math.log((dense + delta) / dense if absolute else 1.0 + delta)
+
+
+def _first_over(s: np.ndarray, d: np.ndarray, limit: float) -> tuple[float, int]:
+    """The ratio where the piecewise-linear d(s) first exceeds `limit`, and the index of the first node
+    over it (−1: never). A segment ending in a collapsed node (d = inf) only says the crossing lies in
+    that gap: the last node known to be within is returned, the conservative end."""
+    over = d > limit
+    if not over.any():
+        return float(s[-1]), -1
+    i = int(np.argmax(over))
+    if i == 0:
+        return float(s[0]), 0
+    a, b = d[i - 1], d[i]
+    if not math.isfinite(b):
+        return float(s[i - 1]), i
+    return float(s[i - 1] + (limit - a) / (b - a) * (s[i] - s[i - 1])), i
+
+
+def near_lossless_limit(x, y, dense_ppl: float | None = None, delta: float = NEAR_LOSSLESS_REL, *, y_se=None,
+                        absolute: bool = False, dense_se: float = 0.0, level: float = 0.95,
+                        axis: str = "sparsity", baseline_bits: float = 16.0, higher_is_better: bool = False,
+                        collapse_ppl: float = COLLAPSE_PPL) -> NearLossless:
+    """The Perspective's near-lossless limit of a measured curve: the largest compression ratio up to
+    which the metric stays within `delta` of dense (the first crossing, so a noisy dip back below the
+    threshold later does not extend it).
+
+    x, axis, baseline_bits: as in `fit_ptp`. y: PPL (inf/NaN/overflow = collapsed, over any threshold),
+    or with `higher_is_better=True` a score such as the average downstream accuracy (NaN = failed).
+    delta: relative by default, threshold = dense × (1 + delta), with the default 1.5/5.47 ≈ 0.274
+    (the Perspective's ΔPPL ≈ 1.5 on LLaMA-2-7B's 5.47, see `NEAR_LOSSLESS_REL`); `absolute=True`
+    takes delta in PPL units (dense + 1.5, the printed rule). For downstream averages pass
+    `higher_is_better=True, delta=DOWNSTREAM_TOLERANCE` (within 5% of dense).
+    dense_ppl: the dense model's value on the same protocol. When None: the curve's own uncompressed
+    point(s) (ratio ≤ 0, e.g. 16 bits), else its least-compressed point, which can only overstate
+    dense (so the limit is then an upper estimate); `dense_source` says which.
+
+    The curve is interpolated linearly in log metric between the measured ratios, anchored at ratio 0
+    by dense when it has no point there. With `y_se` (per-point SEs, NaN = unknown), the interval runs
+    from where the upper band log y + z·se/y crosses the threshold to where the lower band does,
+    z for a two-sided `level`; `dense_se` adds the dense value's own SE to every comparison.
+    """
+    if not _positive(delta):
+        raise MPTError(f"delta={delta!r} is not a positive tolerance",
+                       f"pass e.g. delta={NEAR_LOSSLESS_REL:.3f} (relative, the default) or delta=1.5, absolute=True")
+    if not (0 < level < 1 and math.isfinite(dense_se) and dense_se >= 0):
+        raise MPTError(f"level={level}, dense_se={dense_se}", "pass level in (0, 1) and dense_se ≥ 0")
+    x, y = _validate(x, y, axis, baseline_bits, ppl=not higher_is_better)
+    s = bits_to_ratio(x, baseline_bits) if axis == "bits" else x
+    with np.errstate(invalid="ignore"):
+        gone = ~np.isfinite(y) | (y <= 0) if higher_is_better else collapsed(y, collapse_ppl)
+    if gone.all():
+        raise MPTError(f"all {y.size} points collapsed", "include the measured points at lower compression")
+    se = np.zeros_like(y) if y_se is None else _check_se(y_se, y, gone)
+    se_log = np.where(gone, 0.0, se / np.where(gone, 1.0, y))
+
+    ref = np.zeros(y.size, dtype=bool)  # the points that define dense: compared with themselves, no SE
+    if dense_ppl is not None:
+        if not _positive(dense_ppl):
+            raise MPTError(f"dense_ppl={dense_ppl!r} is not a positive number",
+                           "pass the uncompressed model's value on the same protocol, or None to take it from the curve")
+        dense, source, dense_se_log = float(dense_ppl), "given", dense_se / float(dense_ppl)
+    else:
+        base = ~gone & (s <= 0)
+        ref = base if base.any() else ~gone & (s == s[~gone].min())
+        dense = float(y[ref][0]) if ref.sum() == 1 else float(np.exp(np.mean(np.log(y[ref]))))  # replicates: geometric mean
+        dense_se_log = float(np.sqrt(np.sum(se_log[ref] ** 2))) / int(ref.sum())
+        where = float(x[ref][0])
+        source = ("uncompressed point" if base.any() else
+                  f"least-compressed point ({where:g}{' bits' if axis == 'bits' else ''}; overstates dense)")
+    sign = -1.0 if higher_is_better else 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(gone, math.inf, sign * (np.log(np.where(gone, 1.0, y)) - math.log(dense)))
+    d = np.where(ref, 0.0, d)
+    var = np.where(ref, 0.0, se_log ** 2 + dense_se_log ** 2)
+
+    # one node per distinct ratio: replicates (seeds) averaged in log space, SE of that mean
+    nodes = np.unique(s)
+    d_n = np.array([d[s == v].mean() for v in nodes])
+    se_n = np.array([math.sqrt(var[s == v].sum()) / int((s == v).sum()) for v in nodes])
+    if nodes[0] > 0:  # the uncompressed model is dense by definition
+        nodes, d_n, se_n = np.append(0.0, nodes), np.append(0.0, d_n), np.append(0.0, se_n)
+
+    limit_d = _threshold(dense, delta, absolute, higher_is_better)
+    z = float(norm.ppf(0.5 + level / 2))
+    limit, i = _first_over(nodes, d_n, limit_d)
+    low, i_low = _first_over(nodes, d_n + z * se_n, limit_d)
+    high, i_high = _first_over(nodes, d_n - z * se_n, limit_d)
+    if i > 0 and not math.isfinite(d_n[i]):  # crossing somewhere in a gap that ends in a collapse
+        high = max(high, float(nodes[i]))
+    if i > 0:
+        bracket = (float(nodes[i - 1]), float(nodes[i]))
+    else:  # never over: within up to the last node; over at once: before the first
+        bracket = (float(nodes[-1]), math.nan) if i < 0 else (math.nan, float(nodes[0]))
+    return NearLossless(limit=limit, low=min(low, limit), high=max(high, limit), low_open=i_low == 0,
+                        high_open=i_high < 0, threshold=dense * math.exp(sign * limit_d), dense=dense,
+                        dense_source=source, delta=float(delta), absolute=absolute,
+                        higher_is_better=higher_is_better, axis=axis, baseline_bits=baseline_bits,
+                        bracket=bracket, s=nodes, damage=d_n)
+
+
+def knee_vs_limit(fit: PTPFit, limit: NearLossless | None) -> str:
+    """Where the PTP (knee) and the near-lossless limit disagree, from their intervals: "limit before
+    knee" means the curve left the tolerance before it bends, so the knee alone overstates the safe
+    range; "knee before limit", the reverse. Where the intervals are apart but an open end (a knee CI
+    that runs to the edge of the s0 grid) could still join them, the verdict is "undetermined"."""
+    if limit is None or not math.isfinite(limit.limit):
+        return "no limit: dense value unknown"
+    if not fit.has_ptp:
+        return f"no knee; limit {limit.text()}"
+    k = limit.relative(fit.s0)
+    at_knee = f"{'score' if limit.higher_is_better else 'PPL'} at knee {k:.2f}× dense"
+    (knee_lo, knee_hi), (lim_lo, lim_hi) = fit.s0_ci, (limit.low, limit.high)
+    if lim_hi < knee_lo:
+        side, open_end = "limit before knee", fit.ci_low_open or limit.high_open
+    elif lim_lo > knee_hi:
+        side, open_end = "knee before limit", fit.ci_high_open or limit.low_open
+    else:
+        return f"agree: intervals overlap ({at_knee})"
+    return f"undetermined: {side}, but an interval is open-ended ({at_knee})" if open_end else f"{side} ({at_knee})"
+
+
+# ----------------------------------------------------------------------------------------------
 # many curves, compared with claims
 # ----------------------------------------------------------------------------------------------
 
-Curve = tuple[str, Sequence[float], Sequence[float]]
+# (label, x, y) or (label, x, y, y_se): the optional fourth item holds per-point standard errors of y
+Curve = tuple[str, Sequence[float], Sequence[float]] | tuple[str, Sequence[float], Sequence[float], Sequence[float]]
+
+
+def _unpack(curve: Curve) -> tuple[str, Sequence[float], Sequence[float], Sequence[float] | None]:
+    if len(curve) not in (3, 4):
+        raise MPTError(f"a curve has {len(curve)} items", "pass curves as (label, x, y) or (label, x, y, y_se)")
+    label, x, y, *rest = curve
+    return label, x, y, (rest[0] if rest else None)
 
 
 def _claim_for(claims: pd.DataFrame, family: str, label: str) -> pd.Series | None:
@@ -692,16 +1048,39 @@ def _claim_for(claims: pd.DataFrame, family: str, label: str) -> pd.Series | Non
     return star.iloc[0] if len(star) else None
 
 
+def _axis_for(claims: pd.DataFrame | None, family: str, label: str) -> str:
+    claim = _claim_for(claims, family, label) if claims is not None else None
+    return str(claim["axis"]) if claim is not None else "sparsity"
+
+
 def fit_all(curves: Mapping[str, Iterable[Curve]], claims: pd.DataFrame | None = None,
             **fit_kwargs) -> dict[str, dict[str, PTPFit]]:
-    """Fit every curve of every family; the axis comes from the family's claim (default sparsity)."""
+    """Fit every curve of every family; the axis comes from the family's claim (default sparsity).
+    A curve's fourth item, when present, is its per-point SEs (`fit_ptp(y_se=...)`)."""
     out: dict[str, dict[str, PTPFit]] = {}
     for family, items in curves.items():
         out[family] = {}
-        for label, x, y in items:
-            claim = _claim_for(claims, family, label) if claims is not None else None
-            axis = str(claim["axis"]) if claim is not None else "sparsity"
-            out[family][label] = fit_ptp(x, y, axis=axis, **fit_kwargs)
+        for curve in items:
+            label, x, y, se = _unpack(curve)
+            out[family][label] = fit_ptp(x, y, y_se=se, axis=_axis_for(claims, family, label), **fit_kwargs)
+    return out
+
+
+Dense = float | Mapping[str, float] | None
+
+
+def limits_all(curves: Mapping[str, Iterable[Curve]], claims: pd.DataFrame | None = None, dense: Dense = None,
+               **limit_kwargs) -> dict[str, dict[str, NearLossless]]:
+    """`near_lossless_limit` of every curve, axis as in `fit_all`. `dense`: one value for all curves, a
+    {label: value} mapping (labels not in it fall back to the curve's own points), or None."""
+    out: dict[str, dict[str, NearLossless]] = {}
+    for family, items in curves.items():
+        out[family] = {}
+        for curve in items:
+            label, x, y, se = _unpack(curve)
+            value = dense.get(label) if isinstance(dense, Mapping) else dense
+            out[family][label] = near_lossless_limit(x, y, value, y_se=se, axis=_axis_for(claims, family, label),
+                                                     **limit_kwargs)
     return out
 
 
@@ -742,21 +1121,46 @@ def _claim_text(claim: pd.Series | None) -> str:
 
 
 def ptp_table(curves: Mapping[str, Iterable[Curve]], claims: pd.DataFrame,
-              fits: Mapping[str, Mapping[str, PTPFit]] | None = None, **fit_kwargs) -> pd.DataFrame:
-    """One row per curve: PTP (ratio and native axis), CI, verdict, the claim and the agreement."""
+              fits: Mapping[str, Mapping[str, PTPFit]] | None = None, *,
+              limits: Mapping[str, Mapping[str, NearLossless]] | None = None, dense: Dense = None,
+              delta: float = NEAR_LOSSLESS_REL, absolute: bool = False, **fit_kwargs) -> pd.DataFrame:
+    """One row per curve: PTP (ratio and native axis), CI, verdict, the claim and the agreement, and
+    beside the knee the near-lossless limit (`limits`, else `limits_all(curves, claims, dense, delta=...,
+    absolute=...)`) with `knee_vs_limit`.
+
+    Ratio-axis columns: s0, s0_lo, s0_hi (open ends flagged by ci_low_open / ci_high_open and shown
+    as "≤" / "≥" in the text column s0_ci), limit, limit_low, limit_high (flags limit_low_open /
+    limit_high_open). Native-axis text (bits for quantization): ptp_ci, limit_text. dense and
+    dense_source say what the limit was measured against, knee_x_dense is PPL(s0)/dense on the
+    measured curve.
+    """
     fits = fits if fits is not None else fit_all(curves, claims, **fit_kwargs)
+    limits = limits if limits is not None else limits_all(curves, claims, dense, delta=delta, absolute=absolute)
     rows = []
     for family, by_label in fits.items():
         for label, fit in by_label.items():
             claim = _claim_for(claims, family, label)
+            lim = limits.get(family, {}).get(label)
             native = fit.ptp_bits if fit.axis == "bits" else fit.s0
             native_ci = fit.ptp_bits_ci if fit.axis == "bits" else fit.s0_ci
+            none = lim is None
             rows.append({"family": family, "curve": label, "axis": fit.axis, "n": fit.n_points,
                          "censored": fit.n_censored, "s0": fit.s0, "s0_lo": fit.s0_ci[0], "s0_hi": fit.s0_ci[1],
+                         "ci_low_open": fit.ci_low_open, "ci_high_open": fit.ci_high_open,
+                         "s0_ci": fit.s0_ci_text,
                          "ptp": native if fit.has_ptp else math.nan,
                          "ptp_lo": native_ci[0] if fit.has_ptp else math.nan,
                          "ptp_hi": native_ci[1] if fit.has_ptp else math.nan,
+                         "ptp_ci": fit.ptp_ci_text if fit.has_ptp else "",
                          "s0_flat": "" if fit.s0_flat is None else f"{fit.s0_flat[0]:.3f}–{fit.s0_flat[1]:.3f}",
                          "has_ptp": fit.has_ptp, "delta_bic": fit.delta_bic, "verdict": fit.verdict,
-                         "claim": _claim_text(claim), "agreement": agreement(fit, claim)})
+                         "claim": _claim_text(claim), "agreement": agreement(fit, claim),
+                         "dense": math.nan if none else lim.dense, "dense_source": "" if none else lim.dense_source,
+                         "limit": math.nan if none else lim.limit, "limit_low": math.nan if none else lim.low,
+                         "limit_high": math.nan if none else lim.high,
+                         "limit_low_open": False if none else lim.low_open,
+                         "limit_high_open": False if none else lim.high_open,
+                         "limit_text": "" if none else lim.text(),
+                         "knee_x_dense": lim.relative(fit.s0) if not none and fit.has_ptp else math.nan,
+                         "knee_vs_limit": knee_vs_limit(fit, lim)})
     return pd.DataFrame(rows)

@@ -1,5 +1,6 @@
 """Plot helpers on curves that collapse: inf / NaN / overflow points become triangles at the top edge
-of a log axis (one legend entry), nothing fails and nothing is dropped silently."""
+of a log axis (one legend entry), nothing fails and nothing is dropped silently; the near-lossless
+limit gets its own marker beside the PTP's star."""
 
 import io
 
@@ -11,10 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+from matplotlib.collections import PathCollection  # noqa: E402
 
 from mpt_utils.plots import (  # noqa: E402
     COLLAPSED_LABEL,
     COLLAPSED_Y,
+    LIMIT_LABEL,
+    LIMIT_MARKER,
     annotate_points,
     barplot,
     drawable,
@@ -24,7 +28,7 @@ from mpt_utils.plots import (  # noqa: E402
     scatter_points,
     split_collapsed,
 )
-from mpt_utils.ptp import fit_ptp  # noqa: E402
+from mpt_utils.ptp import fit_ptp, near_lossless_limit  # noqa: E402
 
 X = np.linspace(0.1, 0.8, 8)
 
@@ -116,3 +120,39 @@ def test_drawable_and_marks_for_seaborn_plots(ax):
     assert np.isnan(drawable(y)).tolist() == [False, True, True, False]
     mark_collapsed(ax, [1, 2, 3, 4], y=y, color="C0")
     assert _triangles(ax)[0].get_xdata().tolist() == [2.0, 3.0]
+
+
+def _limit_markers(ax):
+    """(x, y, marker) of the drawn limit markers (hollow: white face)."""
+    return [(ln.get_xdata()[0], ln.get_ydata()[0], ln.get_marker()) for ln in ax.get_lines()
+            if ln.get_marker() in (LIMIT_MARKER, ">", "<") and len(ln.get_xdata()) and ln.get_markerfacecolor() == "white"]
+
+
+def test_near_lossless_limit_is_a_vertical_marker_distinct_from_the_star(ax):
+    early = np.where(X <= 0.5, 40 * X**1.5 + 5, (40 * 0.5**1.5 + 5) * np.exp(8 * (X - 0.5)))  # bends late
+    curves = [("a", X, _curve()), ("b", X, early, 0.02 * early)]
+    fits = {c[0]: fit_ptp(c[1], c[2]) for c in curves}
+    limits = {"a": near_lossless_limit(X, curves[0][2], 5.0),
+              "b": near_lossless_limit(X, early, 5.0, y_se=0.02 * early)}
+    plot_ptp_curves(ax, curves, fits, limits=limits)
+    marks = _limit_markers(ax)
+    assert sorted(m[0] for m in marks) == pytest.approx(sorted(lim.limit for lim in limits.values()))
+    assert all(m[2] == LIMIT_MARKER for m in marks)
+    for lim in limits.values():  # the diamond sits on the threshold, a dotted line runs through it
+        assert any(m[0] == pytest.approx(lim.limit) and m[1] == pytest.approx(lim.threshold) for m in marks)
+        assert any(ln.get_linestyle() == ":" and np.allclose(ln.get_xdata(), lim.limit) for ln in ax.get_lines())
+    stars = [c for c in ax.collections if isinstance(c, PathCollection) and c.get_sizes()[0] == 160]  # PTP stars
+    assert len(stars) == 2 and {round(s.get_offsets()[0][0], 6) for s in stars}.isdisjoint(
+        {round(m[0], 6) for m in marks})  # knees and limits are separate markers at separate places
+    assert ax.get_legend_handles_labels()[1].count(LIMIT_LABEL) == 1
+    assert limits["b"].limit < fits["b"].s0  # the case the marker exists for: limit before the knee
+
+
+def test_open_ended_limit_points_toward_more_compression_on_a_bit_axis(ax):
+    bits = np.array([16, 8, 6, 5, 4, 3, 2])
+    y = np.array([13.64, 13.7, 13.7, 13.93, 13.98, 14.25, 14.82])  # never 27% above dense
+    lim = near_lossless_limit(bits, y, axis="bits")
+    plot_ptp_curves(ax, [("q", bits, y)], {"q": fit_ptp(bits, y, axis="bits")}, limits={"q": lim})
+    assert ax.xaxis_inverted()
+    (x, yy, marker), = _limit_markers(ax)
+    assert x == pytest.approx(2.0) and yy == pytest.approx(14.82) and marker == ">"

@@ -1,5 +1,6 @@
 """eq. 5 fits on synthetic curves: s0 recovered, CI covers it, no PTP invented, collapsed points
-censored (not dropped), bad input refused with a fix."""
+censored (not dropped), per-point SEs widen the interval, open interval ends are flagged, the
+near-lossless limit is found where the curve leaves dense × (1 + delta), bad input refused with a fix."""
 
 import math
 
@@ -8,7 +9,16 @@ import pandas as pd
 import pytest
 
 from mpt_utils.errors import MPTError
-from mpt_utils.ptp import bits_to_ratio, fit_ptp, ptp_table, ratio_to_bits
+from mpt_utils.ptp import (
+    LLAMA2_7B_DENSE_PPL,
+    NEAR_LOSSLESS_REL,
+    bits_to_ratio,
+    fit_ptp,
+    knee_vs_limit,
+    near_lossless_limit,
+    ptp_table,
+    ratio_to_bits,
+)
 
 # gentle power law (3·s² + 5) then a collapse with β = 6, γ = 20, as in the paper's pictures
 TRUE = {"A": 3.0, "alpha": 2.0, "B": 5.0, "beta": 6.0, "gamma": 20.0}
@@ -189,3 +199,224 @@ def test_ptp_table_compares_with_claims():
     assert row["agreement"] == "agrees" and row["claim"] == "0.3–0.4" and math.isclose(row["ptp"], row["s0"])
     claims.loc[0, ["lo", "hi"]] = [0.5, 0.6]
     assert ptp_table(curves, claims).iloc[0]["agreement"].startswith("disagrees: PTP earlier")
+
+
+# ---------------------------------------------------------------------------------------------- SEs
+
+
+def _width(fit):
+    return fit.s0_ci[1] - fit.s0_ci[0]
+
+
+def test_zero_standard_errors_give_the_unweighted_fit():
+    x = np.linspace(0.1, 0.8, 8)
+    y = noisy(eq5(x, 0.35), seed=1)
+    plain, zero = fit_ptp(x, y), fit_ptp(x, y, y_se=np.zeros(x.size))
+    assert zero.weighted and not plain.weighted
+    assert zero.s0 == pytest.approx(plain.s0, abs=1e-6)
+    assert zero.s0_ci == pytest.approx(plain.s0_ci, abs=1e-6)
+    # the same model comparison, up to a constant shared by all models
+    assert zero.delta_bic == pytest.approx(plain.delta_bic, abs=1e-6)
+    assert "weighted by per-point SEs" in zero.verdict and "weighted" not in plain.verdict
+
+
+def test_interval_widens_as_the_standard_errors_grow():
+    x = np.linspace(0.05, 0.9, 12)
+    y = noisy(eq5(x, 0.55), seed=2)
+    widths = []
+    for rel in (0.0, 0.02, 0.05, 0.1):
+        fit = fit_ptp(x, y, y_se=rel * y)
+        assert fit.has_ptp and abs(fit.s0 - 0.55) < 0.03, fit.verdict
+        assert fit.s0_ci[0] <= 0.55 <= fit.s0_ci[1]
+        widths.append(_width(fit))
+    assert widths == sorted(widths) and widths[-1] > 2 * widths[0]
+
+
+def test_noisier_measurements_with_their_ses_give_wider_intervals():
+    x = np.linspace(0.05, 0.9, 12)
+    truth = eq5(x, 0.55)
+    width = {}
+    for sigma in (0.01, 0.05):
+        fits = [fit_ptp(x, y, y_se=sigma * y) for y in (noisy(truth, seed, sigma) for seed in range(3))]
+        assert all(f.s0_ci[0] <= 0.55 <= f.s0_ci[1] for f in fits)
+        width[sigma] = np.mean([_width(f) for f in fits])
+    assert width[0.05] > 2 * width[0.01]
+
+
+def test_a_point_with_a_large_se_pulls_the_fit_less():
+    x = np.linspace(0.1, 0.8, 8)
+    y = eq5(x, 0.35)
+    y[3] *= 1.4  # 0.4, just past the knee, measured badly
+    se = 0.005 * y
+    se[3] = 0.4 * y[3]
+    plain, weighted = fit_ptp(x, y), fit_ptp(x, y, y_se=se)
+    assert abs(weighted.s0 - 0.35) < 0.01 < abs(plain.s0 - 0.35)
+
+
+@pytest.mark.parametrize("y_se, match", [([0.1] * 7, "y_se has 7 values"), ([0.1] * 7 + [-0.1], r"y_se\[7\]=-0.1"),
+                                         ([0.1] * 7 + [np.inf], r"y_se\[7\]=inf")])
+def test_bad_standard_errors_are_refused(y_se, match):
+    with pytest.raises(MPTError, match=match) as err:
+        fit_ptp(X8, Y8, y_se=y_se)
+    assert err.value.fix
+
+
+def test_unknown_se_counts_as_zero_and_collapsed_points_ignore_theirs():
+    x = np.linspace(0.1, 0.8, 8)
+    y = noisy(eq5(x, 0.35), seed=0)
+    y[-1] = np.inf
+    fit = fit_ptp(x, y, y_se=[np.nan] + [0.0] * 6 + [np.nan])
+    assert fit.has_ptp and np.all(fit.y_se == 0.0)
+    with pytest.raises(MPTError, match="zero variance"):
+        fit_ptp(x, y, y_se=np.zeros(8), noise_floor=0.0)
+
+
+# ------------------------------------------------------------------------------- open-ended intervals
+
+
+def test_interval_touching_the_first_admissible_s0_is_open_ended():
+    x = np.linspace(0.1, 0.8, 8)  # s0 needs 2 points before it: the grid starts at 0.2
+    fit = fit_ptp(x, noisy(eq5(x, 0.22), seed=0))
+    assert fit.has_ptp and fit.s0_ci[0] == pytest.approx(0.2)
+    assert fit.ci_low_open and not fit.ci_high_open
+    assert fit.s0_ci_text.startswith("≤0.200–") and "≥" not in fit.s0_ci_text
+    assert "95% CI ≤0.200–" in fit.verdict
+
+
+def test_interval_touching_the_last_admissible_s0_is_open_ended():
+    x = np.linspace(0.1, 0.8, 8)  # and 2 points after it: the grid ends just below 0.7
+    fit = fit_ptp(x, noisy(eq5(x, 0.65), seed=0))
+    assert fit.has_ptp and fit.ci_high_open and not fit.ci_low_open
+    assert fit.s0_ci_text.endswith("–≥0.700")
+    closed = fit_ptp(x, noisy(eq5(x, 0.35), seed=0))
+    assert not (closed.ci_low_open or closed.ci_high_open) and "≤" not in closed.s0_ci_text
+
+
+def test_open_ends_on_the_bit_axis_swap_sides():
+    bits = np.array([16, 8, 6, 5, 4, 3, 2])
+    y = np.array([9.66, 9.66, 9.68, 9.7, 10.01, 10.61, 14.63])  # Table 5, Qwen2.5-1.5B
+    fit = fit_ptp(bits, y, axis="bits")
+    assert fit.has_ptp and fit.ci_low_open and fit.ci_high_open
+    # a high ratio reaching the grid's end means "this many bits or fewer"
+    assert fit.ptp_ci_text == "≤3.00–≥8.00 bits"
+
+
+def test_ptp_table_shows_open_ends():
+    x = np.linspace(0.1, 0.8, 8)
+    curves = {"unstructured": [("early", x, noisy(eq5(x, 0.22), seed=0)), ("mid", x, noisy(eq5(x, 0.35), seed=0))]}
+    claims = pd.DataFrame([{"family": "unstructured", "method": "*", "axis": "sparsity", "lo": 0.3, "hi": 0.4}])
+    table = ptp_table(curves, claims).set_index("curve")
+    assert table.loc["early", "ci_low_open"] and table.loc["early", "s0_ci"].startswith("≤0.200")
+    assert table.loc["early", "ptp_ci"] == table.loc["early", "s0_ci"]
+    assert not table.loc["mid", "ci_low_open"] and not table.loc["mid", "ci_high_open"]
+
+
+# ----------------------------------------------------------------------------- near-lossless limit
+
+
+def test_default_tolerance_is_the_perspectives_1_5_ppl_on_llama2_7b():
+    assert NEAR_LOSSLESS_REL == pytest.approx(1.5 / 5.47) and LLAMA2_7B_DENSE_PPL == 5.47
+    x = np.linspace(0.1, 0.8, 8)
+    y = 5.47 * np.exp(x)  # log-linear: interpolation is exact
+    rel = near_lossless_limit(x, y, 5.47)
+    ab = near_lossless_limit(x, y, 5.47, delta=1.5, absolute=True)
+    assert rel.threshold == pytest.approx(6.97) and ab.threshold == pytest.approx(6.97)
+    assert rel.limit == pytest.approx(math.log(6.97 / 5.47)) and ab.limit == pytest.approx(rel.limit)
+    # on another model the relative rule scales with dense, the absolute one does not
+    rel20 = near_lossless_limit(x, 4 * y, 4 * 5.47)
+    ab20 = near_lossless_limit(x, 4 * y, 4 * 5.47, delta=1.5, absolute=True)
+    assert rel20.limit == pytest.approx(rel.limit) and ab20.limit < rel20.limit
+    assert ab20.threshold == pytest.approx(4 * 5.47 + 1.5)
+
+
+def test_limit_interpolates_log_ppl_between_points_and_is_the_first_crossing():
+    x = [0.1, 0.2, 0.3, 0.4, 0.5]
+    y = [5.0, 5.5, 8.0, 5.2, 5.3]  # a noisy dip back below the threshold does not extend the limit
+    lim = near_lossless_limit(x, y, 5.0, delta=0.3)  # threshold 6.5
+    expect = 0.2 + 0.1 * math.log(6.5 / 5.5) / math.log(8.0 / 5.5)
+    assert lim.limit == pytest.approx(expect) and lim.bracket == (0.2, 0.3)
+    assert lim.low == lim.high == lim.limit and not (lim.low_open or lim.high_open)
+    assert lim.relative(0.3) == pytest.approx(8.0 / 5.0) and lim.relative(0.25) == pytest.approx(math.sqrt(8 * 5.5) / 5)
+
+
+def test_limit_interval_comes_from_the_se_bands_and_widens_with_them():
+    x = np.linspace(0.1, 0.8, 8)
+    y = 5.0 * np.exp(x)
+    widths = []
+    for rel in (0.01, 0.03, 0.06):
+        lim = near_lossless_limit(x, y, 5.0, y_se=rel * y)
+        z = 1.959964
+        # the upper band log y + z·se/y crosses first, the lower band last
+        assert lim.low == pytest.approx(math.log(1 + NEAR_LOSSLESS_REL) - z * rel, abs=1e-9)
+        assert lim.high == pytest.approx(math.log(1 + NEAR_LOSSLESS_REL) + z * rel, abs=1e-9)
+        widths.append(lim.high - lim.low)
+    assert widths == sorted(widths)
+
+
+def test_limit_open_ended_when_the_curve_never_leaves_the_tolerance():
+    bits = [16, 8, 6, 5, 4, 3, 2]
+    y = [13.64, 13.7, 13.7, 13.93, 13.98, 14.25, 14.82]  # Table 5, Qwen2.5-0.5B
+    lim = near_lossless_limit(bits, y, axis="bits")
+    assert lim.dense == 13.64 and lim.dense_source == "uncompressed point"
+    assert lim.high_open and lim.limit == pytest.approx(bits_to_ratio(2)) and lim.text() == "≤2.00 bits"
+    x = np.linspace(0.1, 0.8, 8)
+    flat = near_lossless_limit(x, np.full(8, 5.5), 5.47)
+    assert flat.high_open and flat.text() == "≥0.800"
+
+
+def test_limit_without_dense_uses_the_least_compressed_point_and_says_so():
+    lim = near_lossless_limit([0.2, 0.4, 0.6], [6.0, 7.0, 12.0])
+    assert lim.dense == 6.0 and "least-compressed point" in lim.dense_source
+    assert lim.s[0] == 0.0  # anchored at ratio 0 by dense
+
+
+def test_limit_next_to_a_collapse_is_the_last_point_within():
+    lim = near_lossless_limit([0.1, 0.2, 0.3, 0.4], [5.0, 5.1, 5.2, np.inf], 5.0)
+    assert lim.limit == pytest.approx(0.3) and lim.high == pytest.approx(0.4) and lim.bracket == (0.3, 0.4)
+
+
+def test_downstream_limit_within_5_percent_of_dense():
+    acc = [0.62, 0.615, 0.60, 0.57, 0.50]
+    lim = near_lossless_limit([0.1, 0.2, 0.3, 0.4, 0.5], acc, 0.62, delta=0.05, higher_is_better=True)
+    assert lim.threshold == pytest.approx(0.589)
+    assert 0.3 < lim.limit < 0.4 and lim.relative(lim.limit) == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dense_ppl=0.0), "dense_ppl"), (dict(dense_ppl=5.0, delta=-1), "delta"),
+    (dict(dense_ppl=5.0, delta="x"), "delta"), (dict(dense_ppl=5.0, level=1.5), "level"),
+    (dict(dense_ppl=0.6, delta=1.0, higher_is_better=True), "leaves no score"),
+])
+def test_bad_limit_input_is_one_clear_error(kwargs, match):
+    with pytest.raises(MPTError, match=match) as err:
+        near_lossless_limit(X8, Y8, **kwargs)
+    assert err.value.fix
+
+
+def test_knee_and_limit_disagree_when_ppl_at_the_knee_is_far_above_dense():
+    x = np.linspace(0.1, 0.8, 8)
+    early = {"A": 40.0, "alpha": 1.5, "B": 5.0, "beta": 8.0, "gamma": 10.0}  # drifts far before it bends
+    y = noisy(eq5(x, 0.5, early), seed=0)
+    fit, lim = fit_ptp(x, y), near_lossless_limit(x, y, 5.0)
+    assert fit.has_ptp and lim.limit < fit.s0_ci[0]
+    verdict = knee_vs_limit(fit, lim)
+    assert verdict.startswith("limit before knee") and f"{lim.relative(fit.s0):.2f}× dense" in verdict
+    assert lim.relative(fit.s0) > 3
+    # the paper's gentle curve: the knee sits where PPL is still close to dense
+    y = noisy(eq5(x, 0.35), seed=0)
+    assert knee_vs_limit(fit_ptp(x, y), near_lossless_limit(x, y, 5.0)).startswith("agree")
+
+
+def test_ptp_table_puts_the_limit_beside_the_knee():
+    x = np.linspace(0.1, 0.8, 8)
+    y = noisy(eq5(x, 0.35), seed=0)
+    curves = {"unstructured": [("with se", x, y, 0.01 * y), ("no dense", x, y)]}
+    claims = pd.DataFrame([{"family": "unstructured", "method": "*", "axis": "sparsity", "lo": 0.3, "hi": 0.4}])
+    table = ptp_table(curves, claims, dense={"with se": 5.0}).set_index("curve")
+    row = table.loc["with se"]
+    assert row["dense"] == 5.0 and row["dense_source"] == "given"
+    assert row["limit_low"] < row["limit"] < row["limit_high"]
+    assert row["limit_text"].startswith(f"{row['limit']:.3f} (") and row["knee_vs_limit"].startswith("agree")
+    assert row["knee_x_dense"] == pytest.approx(near_lossless_limit(x, y, 5.0).relative(row["s0"]))
+    assert "least-compressed" in table.loc["no dense", "dense_source"]
+    assert table.loc["no dense", "limit_low"] == table.loc["no dense", "limit_high"]

@@ -48,9 +48,9 @@ def _register_all() -> None:
     from mpt_utils.quant.gptq import gptq
     from mpt_utils.quant.smoothquant import smoothquant
 
-    QUANTIZERS.register("gptq", version=1, sources=GRID)(gptq)
-    QUANTIZERS.register("awq", version=1, sources=GRID)(awq)
-    QUANTIZERS.register("smoothquant", version=1, sources=GRID)(smoothquant)
+    QUANTIZERS.register("gptq", version=2, sources=GRID)(gptq)
+    QUANTIZERS.register("awq", version=2, sources=GRID)(awq)
+    QUANTIZERS.register("smoothquant", version=2, sources=GRID)(smoothquant)
 
 
 _register_all()

@@ -130,7 +130,8 @@ def quant_point(store: ResultsStore, bench: Workbench, method: str, bits: int, *
     def compute():
         model = bench.fresh_model()
         calib = bench.calib_ids() if method in CALIBRATED else None
-        shared = {"stats": bench.dense_stats()} if method == "awq" else {}
+        # only AWQ's per-linear objective can reuse dense statistics; its default re-runs the blocks
+        shared = {"stats": bench.dense_stats()} if method == "awq" and options.get("objective") == "linear" else {}
         result = quantize(model, method, bits=bits, group_size=group_size, sym=sym, calib_ids=calib,
                           device=bench.setup.device, progress=progress, **options, **shared)
         size = storage(model, result.layers)
@@ -153,8 +154,9 @@ def quant_point(store: ResultsStore, bench: Workbench, method: str, bits: int, *
 
 def sweep(store: ResultsStore, bench: Workbench, methods: Iterable[str], bits_list: Iterable[int], *,
           group_size: int | None = 128, sym: bool = False, options: dict[str, dict] | None = None,
-          smoothquant_alpha: float | None = 0.5, progress: bool = True) -> pd.DataFrame:
-    """Dense reference + every method at every bit width (+ SmoothQuant W8A8 if alpha is given)."""
+          smoothquant_alpha: float | None = 0.85, progress: bool = True) -> pd.DataFrame:
+    """Dense reference + every method at every bit width (+ SmoothQuant W8A8 if alpha is given; 0.85
+    is the SmoothQuant reference's Llama-2 setting, its quantizer's default)."""
     rows = list(dense_point(store, bench, progress))
     for method in methods:
         for bits in bits_list:
