@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,17 @@ from mpt_utils.models import check_seqlen, pick_device
 
 @dataclass
 class PerplexityResult:
+    """Perplexity with its uncertainty over windows.
+
+    Each window w scores the same number of tokens (seqlen - 1), so the mean token NLL is the mean
+    of the per-window mean NLLs x_w. Its standard error is taken across windows,
+    `nll_se = std(x_w, ddof=1) / sqrt(n_windows)` (tokens inside a window are correlated, windows
+    are close to independent draws of text), and carried to perplexity by the delta method,
+    `ppl_se = ppl * nll_se`. llama.cpp's perplexity tool prints a per-token "±" instead, which
+    treats every token as independent and is smaller. With one window, or a collapsed model, the
+    standard errors are NaN (not estimable).
+    """
+
     ppl: float
     nll: float  # mean negative log-likelihood per predicted token (nats)
     n_tokens: int  # tokens scored
@@ -23,18 +34,34 @@ class PerplexityResult:
     seqlen: int
     seconds: float
     tokens_per_s: float  # tokens forwarded per second (windows x seqlen / seconds)
+    nll_se: float = math.nan  # standard error of `nll` across windows
+    ppl_se: float = math.nan  # standard error of `ppl` (delta method: ppl * nll_se)
+    window_nll: list[float] = field(default_factory=list, repr=False)  # mean NLL of each window
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_total(cls, total_nll: float, windows: torch.Tensor, seconds: float) -> PerplexityResult:
-        """From the NLL summed over `windows` ([n, seqlen]); a collapsed model gives ppl=inf."""
+    def from_window_sums(cls, sums: torch.Tensor | list[float], windows: torch.Tensor,
+                         seconds: float) -> PerplexityResult:
+        """From the NLL summed within each of `windows` ([n, seqlen]); a collapsed model gives ppl=inf."""
         n, seqlen = windows.shape
-        nll = total_nll / (n * (seqlen - 1))
-        ppl = math.exp(nll) if math.isfinite(nll) and nll < 700 else math.inf
+        per_window = torch.as_tensor(sums, dtype=torch.float64).reshape(n) / (seqlen - 1)
+        nll = float(per_window.mean())
+        finite = math.isfinite(nll) and nll < 700
+        ppl = math.exp(nll) if finite else math.inf
+        nll_se = standard_error(per_window) if finite else math.nan
         return cls(ppl=ppl, nll=nll if math.isfinite(nll) else math.inf, n_tokens=n * (seqlen - 1), n_windows=n,
-                   seqlen=seqlen, seconds=seconds, tokens_per_s=windows.numel() / seconds if seconds > 0 else math.inf)
+                   seqlen=seqlen, seconds=seconds, tokens_per_s=windows.numel() / seconds if seconds > 0 else math.inf,
+                   nll_se=nll_se, ppl_se=ppl * nll_se, window_nll=per_window.tolist())
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of `values` (sample std / sqrt(n)); NaN for fewer than two values."""
+    values = values.double().flatten()
+    if values.numel() < 2:
+        return math.nan
+    return float(values.std(unbiased=True) / math.sqrt(values.numel()))
 
 
 def window_ids(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -72,23 +99,25 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int = 2048, ba
     windows = window_ids(ids, seqlen, max_windows)
     was_training = model.training
     model.eval()
-    total = 0.0
+    sums = []
     start = time.perf_counter()
     for i in tqdm(range(0, windows.size(0), batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[i : i + batch_size].to(dev)
         logits = model(input_ids=batch, use_cache=False).logits
-        total += float(nll_from_logits(logits, batch).sum())
+        sums.append(nll_from_logits(logits, batch).cpu())
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    return PerplexityResult.from_total(total, windows, seconds)
+    return PerplexityResult.from_window_sums(torch.cat(sums), windows, seconds)
 
 
 def perplexity_rows(model: torch.nn.Module, tokenizer, datasets: list[str], seqlen: int,
                     max_windows: int | None = None, batch_size: int = 1,
                     device: str | torch.device | None = None, progress: bool = True) -> list[dict]:
-    """Tidy rows (metric='ppl', one per dataset) for the results store, with tokens and tokens/s."""
+    """Tidy rows (metric='ppl', one per dataset) for the results store, with tokens and tokens/s.
+    `stderr` is the standard error of `value` (as in the downstream rows), `nll_stderr` that of `nll`;
+    see `PerplexityResult` for their definition."""
     from mpt_utils.data import check_corpus, eval_ids
 
     if isinstance(datasets, str):  # one name, not its characters
@@ -108,7 +137,7 @@ def perplexity_rows(model: torch.nn.Module, tokenizer, datasets: list[str], seql
     for name in datasets:
         res = perplexity(model, ids[name], seqlen=seqlen, batch_size=batch_size,
                          device=device, max_windows=max_windows, progress=progress, desc=f"ppl {name}")
-        rows.append({"metric": "ppl", "data": name, "value": res.ppl, "nll": res.nll,
-                     "n_tokens": res.n_tokens, "n_windows": res.n_windows, "seqlen": seqlen,
+        rows.append({"metric": "ppl", "data": name, "value": res.ppl, "stderr": res.ppl_se, "nll": res.nll,
+                     "nll_stderr": res.nll_se, "n_tokens": res.n_tokens, "n_windows": res.n_windows, "seqlen": seqlen,
                      "tokens_per_s": res.tokens_per_s})
     return rows
