@@ -178,3 +178,112 @@ def test_svd_llm_on_tiny_model_tracks_outputs_better_than_plain_svd(tiny):
             diff = dense - fact.weight(rank).double()
             err[method] += float(torch.trace(diff @ stats[name].gram.double() @ diff.T))  # ‖ΔW X‖²
     assert err["svd_llm"] < err["svd"]
+
+
+def test_closed_form_refit_of_u_lowers_the_error_on_shifted_inputs():
+    from mpt_utils.lowrank.svd_llm import refit_up
+
+    torch.manual_seed(5)
+    weight = torch.randn(40, 48)
+    x_dense = _correlated_inputs(512, 48, seed=6)  # what the whitening saw
+    x_shift = x_dense + 0.5 * _correlated_inputs(512, 48, seed=7)  # inputs after compressed blocks
+    fact = scaled_svd(weight, lower=whitening(x_dense.T @ x_dense)[0], keep=8)
+    up, down = fact.factors(8)
+    refit = refit_up(weight, down, x_shift.T @ x_shift).float()
+    err_kept = torch.linalg.norm(x_shift @ (weight - up @ down).T)
+    err_refit = torch.linalg.norm(x_shift @ (weight - refit @ down).T)
+    assert err_refit < err_kept
+    # it is the least-squares solution on the raw rows, as SVDLLM.py's local_update computes it
+    lstsq = torch.linalg.lstsq(x_shift.double() @ down.double().T, x_shift.double() @ weight.double().T).solution
+    torch.testing.assert_close(refit, lstsq.T.float(), atol=1e-3, rtol=1e-3)
+    # on the whitening's own inputs the truncated SVD's U is already the least-squares one
+    same = refit_up(weight, down, x_dense.T @ x_dense).float()
+    torch.testing.assert_close(same, up, atol=1e-3, rtol=1e-3)
+
+
+def _calib_nll(model, ids) -> float:
+    from mpt_utils.eval.perplexity import nll_from_logits
+
+    with torch.no_grad():
+        return float(nll_from_logits(model(input_ids=ids).logits, ids).sum())
+
+
+def _layer_errors(model, ids, dense_weights) -> dict[str, float]:
+    """‖(W_dense − W′)x‖² of each linear on the inputs it really receives in the compressed model."""
+    errs, hooks = {}, []
+    for name, weight in dense_weights.items():
+        def hook(module, args, output, name=name, weight=weight):
+            x = args[0].reshape(-1, weight.shape[1])
+            errs[name] = float((x @ weight.T - output.reshape(-1, weight.shape[0])).square().sum())
+        hooks.append(model.get_submodule(name).register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return errs
+
+
+def test_svd_llm_update_stages_beat_whitening_alone_on_calibration_data(tiny):
+    from mpt_utils.calibration import collect_stats
+
+    model, ids = tiny.model, _calib(8, 48, seed=4)
+    with torch.no_grad():
+        dense_logits = model(input_ids=ids).logits
+    stats = collect_stats(model, ids, progress=False)
+    # the first linears of block 1 see exactly the inputs the closed-form refit was fitted on
+    fed = [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    dense_weights = {n: model.get_submodule(n).weight.detach().clone() for n in fed}
+    nll, err = {}, {}
+    for update, budget in (("none", {}), ("closed_form", {}), ("lora", {"update_steps": 8, "update_lr": 1e-2})):
+        plan = prepare(model, "svd_llm", ids, stats=stats, progress=False, update=update, **budget)
+        with plan.swapped(model, 0.4):
+            nll[update], err[update] = _calib_nll(model, ids), _layer_errors(model, ids, dense_weights)
+        torch.testing.assert_close(model(input_ids=ids).logits, dense_logits)  # the dense model is untouched
+    for name in fed:  # SVDLLM.py --step 2: least-squares U on the compressed prefix's outputs
+        assert err["closed_form"][name] < err["none"][name], name
+    assert nll["lora"] < nll["none"]  # sequential LoRA on U then V lowers the calibration loss
+    log = plan.info["update_log"][0.4]
+    assert log["steps_per_phase"] == 8 and log["loss_v_last"] < log["loss_u_first"]
+
+
+def test_svd_llm_defaults_to_the_reference_lora_update(tiny):
+    model, ids = tiny.model, _calib(4, 32)
+    plan = prepare(model, "svd_llm", ids, progress=False)
+    with plan.swapped(model, 0.3) as report:
+        assert report.n_factorized > 0
+        first = model(input_ids=ids).logits
+    log = plan.info["update_log"].pop(0.3)
+    with plan.swapped(model, 0.3):  # the same ratio again (another corpus): the updated factors, not retrained
+        torch.testing.assert_close(model(input_ids=ids).logits, first)
+    assert 0.3 not in plan.info["update_log"]
+    # the reference's schedule: 2 epochs; 4 windows fit in one batch of 64, so 2 steps per phase, lr 1e-4
+    assert plan.info["update"] == "lora" and log["steps_per_phase"] == 2 and log["lr"] == 1e-4
+    with pytest.raises(MPTError, match="unknown SVD-LLM update"):
+        prepare(model, "svd_llm", ids, progress=False, update="adam")
+    with pytest.raises(MPTError, match="trains on calibration windows"):
+        prepare(model, "svd_llm", None, progress=False, stats={})
+    with pytest.raises(MPTError, match="already re-fits"):
+        prepare(model, "svd_llm", ids, progress=False, update="closed_form", sequential=True)
+
+
+def test_asvd_search_stops_at_the_reference_floor_of_40_percent_kept(tiny):
+    from mpt_utils.lowrank.asvd import DEFAULT_CANDIDATES, MIN_KEPT
+
+    assert max(DEFAULT_CANDIDATES) == pytest.approx(1 - MIN_KEPT) and MIN_KEPT == 0.4
+    model, ids = tiny.model, _calib()
+    plan = prepare(model, "asvd", ids, progress=False, granularity="block", sens_windows=2)
+    report = plan.apply(model, 0.5)
+    for layer in report.layers:  # no layer keeps less than the 0.6-reduction rank
+        assert layer.rank == 0 or layer.rank >= rank_for_ratio(layer.out_features, layer.in_features, 0.6)
+    report.restore(model)
+    with pytest.raises(MPTError, match="at most"):  # beyond what a 40% floor can reach
+        plan.ranks(0.7)
+    with pytest.raises(MPTError, match="below the floor"):
+        prepare(model, "asvd", ids, progress=False, candidates=(0.2, 0.8), granularity="block", sens_windows=2)
+    deep = prepare(model, "asvd", ids, progress=False, candidates=(0.2, 0.5, 0.8, 0.9), min_kept=0.1,
+                   granularity="block", sens_windows=2)
+    assert max(deep.ranks(0.85).values()) <= max(rank_for_ratio(o, i, 0.8) for o, i in deep.shapes.values())
+    # a stored table from a deeper search is cut at the floor
+    floored = prepare(model, "asvd", ids, progress=False, granularity="block",
+                      sensitivity_table=deep.info["sensitivity"])
+    assert all(max(row) <= 0.6 for row in floored.info["sensitivity"].values())

@@ -12,11 +12,15 @@ def test_low_rank_notebook_runs_on_tiny_model(tmp_path):
         parameters={"store_dir": str(tmp_path / "store"), "figures_dir": str(tmp_path / "fig"),
                     "model": "tiny-llama", "seqlen": 64, "n_calib": 4, "max_eval_windows": 2,
                     "ratios": [0.0, 0.2, 0.3], "svd_llm_extra_ratios": [0.5], "extra_eval_ratios": [0.2],
-                    "sequential_ratios": [0.2], "asvd_candidates": [0.2, 0.5], "asvd_sens_seqlen": 32,
+                    "sequential_ratios": [0.2], "svd_llm_options": {"update_steps": 1},
+                    "asvd_candidates": [0.2, 0.5], "asvd_sens_seqlen": 32,
                     "speed_ratios": [0.3], "speed_seqlen": 32, "speed_rounds": 1},
     )
     text = json.dumps(json.loads(out.read_text()))
     assert "SVD-LLM (seq)" in text and "speedup" in text
-    for name in ("05_lowrank_ptp", "05_lowrank_modes", "05_lowrank_speed", "05_asvd_allocation"):
+    assert "same-top-1 %" in text and "Paired metric. " in text  # KL beside PPL, and its computed sentence
+    for name in ("05_lowrank_ptp", "05_lowrank_modes", "05_lowrank_speed", "05_asvd_allocation", "05_lowrank_kl"):
         assert (tmp_path / "fig" / f"{name}.png").exists()
     assert (tmp_path / "store" / "05_ptp_lowrank.csv").exists()
+    options = [json.loads(p.read_text())["config"].get("options") for p in (tmp_path / "store" / "points").glob("*.json")]
+    assert {"update_steps": 1} in options and {"update_steps": 1, "sequential": True} in options  # svd_llm_options

@@ -74,8 +74,10 @@ def test_config_versions_cover_labels_and_skip_unversioned_points():
     assert mv.config_versions({"method": "dense"}) == {}
     assert mv.config_versions({"method": "wanda"}) == {"wanda": 1}
     assert mv.config_versions({"method": "owl:sparsegpt"}) == {"owl": 1, "sparsegpt": 1}
-    assert mv.config_versions({"method": "svd_llm_seq", "registry_method": "svd_llm"}) == {"svd_llm": 1}
-    assert mv.config_versions({"method": "speed", "registry_method": ["asvd", "svd"]}) == {"asvd": 1, "svd": 1}
+    assert mv.config_versions({"method": "svd_llm_seq", "registry_method": "svd_llm"}) == {
+        "svd_llm": mv.method_version("svd_llm")}
+    assert mv.config_versions({"method": "speed", "registry_method": ["asvd", "svd"]}) == {
+        "asvd": mv.method_version("asvd"), "svd": 1}
 
 
 def test_bumping_one_version_invalidates_only_its_points(tmp_path, monkeypatch):
@@ -132,7 +134,8 @@ def test_misspelled_options_of_other_families(tiny):
         prepare(tiny.model, "asvd", None, alpah=0.5)
     with pytest.raises(MPTError, match=r"valid options: none \(structured pruning method 'shortgpt' takes no"):
         structured_prune(tiny.model, "shortgpt", 0.2, None, colour="red")
-    assert LOWRANK.options("svd_llm") == {"damp", "layer_filter", "sequential"}
+    assert LOWRANK.options("svd_llm") == {"damp", "layer_filter", "sequential", "update", "update_steps",
+                                          "update_batch_size", "update_lr", "update_seqlen"}
 
 
 def _profile_options(profile):

@@ -55,7 +55,7 @@ def test_wanda_sparsity_is_exact_per_row(layer):
 def test_dsnot_keeps_row_sparsity_and_reduces_mean_error(layer):
     w, _, st = layer
     base = wanda(w, st, 0.5)
-    refined = dsnot(w, st, 0.5, None, name="self_attn.q_proj", skip=(), threshold=0.0)
+    refined = dsnot(w, st, 0.5, None, name="self_attn.q_proj", skip=(), threshold=0.0, same_sign=True)
     assert ((refined == 0).sum(dim=1) == (base == 0).sum(dim=1)).all()
     assert not torch.equal(refined, base)
     mean = st.mean
@@ -67,6 +67,64 @@ def test_dsnot_keeps_row_sparsity_and_reduces_mean_error(layer):
     assert torch.equal(dsnot(w, st, 0.5, None, name="mlp.up_proj"), base)  # MLP skipped by default
     nm = dsnot(w, st, 0.5, (2, 4), name="self_attn.q_proj", skip=(), threshold=0.0)
     assert nm_satisfied(nm, (2, 4))
+
+
+@pytest.fixture(scope="module")
+def llm_scale_layer():
+    """LLM-scale weights (std 0.02) and inputs with per-channel offsets, 16 windows of 128 tokens."""
+    g = torch.Generator().manual_seed(0)
+    d, windows, seqlen = 512, 16, 128
+    x = torch.randn(windows * seqlen, d, generator=g) * 0.5 * torch.exp(0.5 * torch.randn(d, generator=g))
+    x = x + 0.3 * torch.randn(d, generator=g)
+    w = 0.02 * torch.randn(64, d, generator=g)
+    st = LayerStats(d, torch.device("cpu"))
+    st.add(x.view(windows, seqlen, d))
+    return w, x, st, seqlen
+
+
+def test_dsnot_default_threshold_refines_and_reduces_reconstruction_error(llm_scale_layer):
+    w, x, st, seqlen = llm_scale_layer
+    base = wanda(w, st, 0.5)
+    refined = dsnot(w, st, 0.5, None, name="self_attn.o_proj", window_tokens=seqlen)  # every default
+    changed = int(((refined == 0) != (base == 0)).sum())
+    assert changed > 0.01 * w.numel()
+    assert ((refined == 0).sum(dim=1) == (base == 0).sum(dim=1)).all()
+    assert reconstruction_error(w, refined, x) < 0.99 * reconstruction_error(w, base, x)
+    # the error is summed over a window, not averaged per token: on the per-token scale the same
+    # threshold stops every row before its first swap
+    per_token = dsnot(w, st, 0.5, None, name="self_attn.o_proj", window_tokens=1)
+    assert torch.equal(per_token, base)
+
+
+def test_dsnot_sign_rule_defaults_follow_the_released_code(llm_scale_layer):
+    w, x, st, seqlen = llm_scale_layer
+
+    def run(pattern, **kw):
+        return dsnot(w, st, 0.5, pattern, name="self_attn.o_proj", **{"window_tokens": seqlen, **kw})
+
+    assert not torch.equal(run(None), run(None, same_sign=True))  # unstructured: no sign rule by default
+    assert torch.equal(run((2, 4)), run((2, 4), same_sign=True))  # N:M: the sign rule applies
+    assert nm_satisfied(run((2, 4)), (2, 4))
+    with pytest.raises(MPTError, match="window_tokens"):
+        run(None, window_tokens=0)
+
+
+def test_engine_gives_dsnot_its_calibration_window_length():
+    from mpt_utils.calibration import collect_stats
+    from mpt_utils.prune import prune_model
+    from mpt_utils.testing import tiny_model
+
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    seq, dense = tiny_model("llama"), tiny_model("llama")
+    assert prune_model(seq.model, "dsnot", 0.5, calib_ids=calib).mode == "sequential"
+    stats = collect_stats(dense.model, calib, progress=False)
+    with pytest.raises(MPTError, match="calib_seqlen"):
+        prune_model(dense.model, "dsnot", 0.5, stats=stats)
+    one_shot = tiny_model("llama")
+    prune_model(one_shot.model, "dsnot", 0.5, calib_ids=calib, sequential=False)
+    assert prune_model(dense.model, "dsnot", 0.5, stats=stats, calib_seqlen=16).mode == "dense-stats"
+    for a, b in zip(dense.model.parameters(), one_shot.model.parameters()):
+        assert torch.equal(a, b)  # the same statistic either way: the window length reached DSnoT
 
 
 def test_owl_ratios_average_to_target_and_follow_outliers():

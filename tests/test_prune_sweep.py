@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from mpt_utils.prune.sweep import PruneSession, parse_method, sweep_points
 from mpt_utils.store import ResultsStore
@@ -51,3 +52,49 @@ def test_sequential_mode_and_dense_restore(tmp_path):
     assert (lm.model.model.layers[0].mlp.down_proj.weight == w0).all()  # the model is dense again
     magnitude = session.point("magnitude", pattern="4:8")
     assert magnitude[0]["calib_data"] is None and magnitude[0]["nm_ok"]
+
+
+def test_sequential_is_the_default_and_dense_is_the_labelled_shortcut(tmp_path):
+    session = PruneSession("tiny-llama", ResultsStore(tmp_path), calib_data="embedded-news", n_calib=2, seqlen=64,
+                           eval_data=["embedded-news"], max_eval_windows=2, loaded=tiny_model("llama"))
+    assert session.mode == "sequential"
+    rows = session.point("wanda", 0.5)
+    assert {r["mode"] for r in rows} == {"sequential"} and {r["prune_mode"] for r in rows} == {"sequential"}
+    dense = session.derive(mode="dense").point("wanda", 0.5)
+    assert {r["prune_mode"] for r in dense} == {"dense-stats"}
+    assert len(list(tmp_path.glob("points/*.json"))) == 2  # the two modes are two stored points
+
+
+def test_owl_dense_scores_are_computed_once_per_session(tmp_path, monkeypatch):
+    from mpt_utils.prune import engine
+
+    calls = []
+    real = engine.allocation_scores
+    monkeypatch.setattr(engine, "allocation_scores", lambda *a, **k: calls.append(k) or real(*a, **k))
+    session = _session(ResultsStore(tmp_path), mode="sequential")
+    df = session.sweep(["owl:wanda"], [0.3, 0.6])
+    assert len(calls) == 1 and "calib_ids" in calls[0]
+    targets = df[df.metric == "sparsity"].block_targets.tolist()
+    assert targets[0] != targets[1] and all(len(set(t)) > 1 for t in targets)
+    fresh = tiny_model("llama")  # the cached scores give the same allocation as a fresh engine run
+    from mpt_utils.prune import prune_model
+
+    report = prune_model(fresh.model, "owl", 0.6, calib_ids=session.calib_ids, base="wanda")
+    assert report.block_targets == pytest.approx(targets[1])
+
+
+def test_dense_mode_dsnot_and_a_failed_point_leave_the_model_dense(tmp_path, monkeypatch):
+    lm = tiny_model("llama")
+    w0 = {n: p.clone() for n, p in lm.model.named_parameters()}
+    session = _session(ResultsStore(tmp_path), mode="dense", loaded=lm)
+    rows = session.point("dsnot:wanda", 0.6)  # DSnoT gets the windows' length with dense statistics
+    assert rows[0]["prune_mode"] == "dense-stats" and math.isfinite(rows[0]["value"])
+    from mpt_utils.eval.paired import PairedEvaluator
+
+    def broken(*a, **k):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(PairedEvaluator, "rows", broken)
+    with pytest.raises(RuntimeError):
+        session.point("wanda", 0.7)
+    assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())

@@ -21,6 +21,7 @@ def test_quantization_notebook_runs_on_tiny_model(tmp_path):
     )
     text = json.dumps(json.loads(out.read_text()))
     assert "round trip" in text and "PTP" in text
-    for name in ("03_quant_ptp_bits", "03_fig4_ppl_vs_size"):
+    assert "same-top-1 %" in text and "paired metric: " in text  # KL beside PPL, and its sentence
+    for name in ("03_quant_ptp_bits", "03_fig4_ppl_vs_size", "03_quant_kl_bits"):
         assert (tmp_path / "fig" / f"{name}.png").exists()
     assert list((tmp_path / "store" / "points").glob("*.json"))

@@ -98,6 +98,25 @@ def test_slicegpt_without_slicing_is_rotation_invariant(tied, calib, probe):
     assert (model(input_ids=probe).logits - ref).abs().max() < 1e-4
 
 
+def test_slicegpt_keeps_the_full_lm_head_with_tied_embeddings(calib, probe):
+    dense = _tiny(tie_word_embeddings=True).model
+    ref = dense(input_ids=probe).logits
+    same = copy.deepcopy(dense)
+    structured_prune(same, "slicegpt", 0.0, calib, progress=False)
+    assert same.get_output_embeddings().in_features == 64
+    assert (same(input_ids=probe).logits - ref).abs().max() < 1e-4  # untied, rotated: the dense function
+    model = copy.deepcopy(dense)
+    res = structured_prune(model, "slicegpt", 0.25, calib, progress=False)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    assert res.detail["slice_head"] is False and res.detail["untied_head"] is True
+    assert emb.weight.shape == (258, 48) and head.weight.shape == (258, 64)  # the head is not sliced
+    assert decoder_layers(model)[-1].mlp.down_proj.out_features == 64  # the last block writes the full width
+    assert torch.isfinite(model(input_ids=probe).logits).all()
+    small = copy.deepcopy(dense)
+    structured_prune(small, "slicegpt", 0.25, calib, progress=False, slice_head=True)
+    assert small.get_output_embeddings().in_features == 48
+
+
 def test_slicegpt_slices_hidden_size_and_pays_for_shortcuts(calib):
     model = _tiny().model
     res = structured_prune(model, "slicegpt", 0.25, calib, progress=False)
@@ -130,8 +149,39 @@ def test_sleb_first_removal_is_the_best_single_block(calib):
         drop_blocks(m, [j])
         return float(nll_from_logits(m(input_ids=calib).logits, calib).sum())
 
-    brute = min(range(5), key=nll_without)
+    brute = min(range(1, 4), key=nll_without)  # the first and last blocks are never candidates
     assert res.detail["removal_order"] == [brute]
+
+
+def _model_with_free_ends(calib):
+    """5 blocks; the first and last are the identity (free to remove), the middle three are trained on
+    `calib` so that removing any of them costs perplexity."""
+    model = _tiny(layers=5).model
+    ends = [decoder_layers(model)[i] for i in (0, 4)]
+    with torch.no_grad():
+        for block in ends:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+    frozen = {id(p) for block in ends for p in block.parameters()}
+    opt = torch.optim.Adam([p for p in model.parameters() if id(p) not in frozen], lr=1e-2)
+    for _ in range(20):
+        opt.zero_grad()
+        model(input_ids=calib, labels=calib).loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def test_sleb_never_removes_the_first_or_last_block(calib):
+    dense = _model_with_free_ends(calib)
+    res = structured_prune(copy.deepcopy(dense), "sleb", 0.4, calib, progress=False)
+    assert set(res.detail["removal_order"]) <= {1, 2, 3} and len(res.detail["removal_order"]) == 2
+    free = structured_prune(copy.deepcopy(dense), "sleb", 0.4, calib, progress=False, early_barrier=0,
+                            latter_barrier=0)
+    assert free.detail["removal_order"] == [0, 4]  # without the barriers the free ends go first
+    with pytest.warns(UserWarning, match="protected; removing 3"):  # 4 of 5 cannot go with both ends kept
+        most = structured_prune(copy.deepcopy(dense), "sleb", 0.8, calib, progress=False)
+    assert most.detail["removed_blocks"] == [1, 2, 3] and most.n_layers_after == 2
 
 
 def test_sleb_order_is_a_prefix_across_ratios(calib):
@@ -225,11 +275,31 @@ def test_lora_recovery_changes_weights_not_shapes(calib):
     model = _tiny().model
     structured_prune(model, "random", 0.3, None)
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    before = decoder_layers(model)[0].mlp.up_proj.weight.clone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     info = lora_recover(model, calib[:1], steps=5, lr=1e-2, progress=False)  # one window: loss must fall
     assert {n: p.shape for n, p in model.named_parameters()} == shapes  # merged: no adapters left
-    assert not torch.equal(before, decoder_layers(model)[0].mlp.up_proj.weight)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert "model.layers.0.mlp.up_proj.weight" in changed
+    assert all(n.endswith("_proj.weight") for n in changed)  # embeddings, norms, head untouched
     assert info["steps"] == 5 and info["loss_last"] < info["loss_first"]
+    assert all(p.requires_grad for p in model.parameters())  # the caller's flags are back
+
+
+def test_lora_recovery_defaults_to_the_reference_budget(calib):
+    from mpt_utils.prune.structured.recovery import REFERENCE_BUDGET, REFERENCE_STEPS, lora_recover
+
+    # LLM-Pruner's post-training: 2 epochs of ~49,760 Alpaca samples, batch 64, lr 1e-4, r=8
+    assert REFERENCE_STEPS == 1556 and REFERENCE_BUDGET["lr"] == 1e-4 and REFERENCE_BUDGET["rank"] == 8
+    model = _tiny().model
+    info = lora_recover(model, calib, progress=False)  # 4 windows: one batch per epoch
+    assert (info["steps"], info["epochs_seen"], info["batch_size"]) == (2, 2.0, 4)
+    assert (info["lr"], info["rank"], info["alpha"], info["warmup_steps"]) == (1e-4, 8, 16, 0)
+    info = lora_recover(model, calib, batch_size=2, micro_batch_size=1, progress=False)
+    assert info["steps"] == 4 and info["epochs_seen"] == 2.0
+    flat = lora_recover(model, calib, steps=3, lr_schedule="constant", warmup_steps=0, progress=False)
+    assert flat["lr_schedule"] == "constant" and flat["steps"] == 3
+    with pytest.raises(MPTError, match="at least one step"):
+        lora_recover(model, calib, steps=0)
 
 
 @pytest.mark.integration

@@ -20,6 +20,7 @@ def test_structured_notebook_runs_on_tiny_model(tmp_path):
     )
     text = json.dumps(json.loads(out.read_text()))
     assert "with LoRA" in text and "max_logit_diff" in text and "speedup" in text
-    for name in ("04_structured_ptp", "04_structured_recovery_size", "04_structured_speed"):
+    assert "same-top-1 %" in text and "Paired metric. " in text  # KL beside PPL, and its computed sentence
+    for name in ("04_structured_ptp", "04_structured_recovery_size", "04_structured_speed", "04_structured_kl"):
         assert (tmp_path / "fig" / f"{name}.png").exists()
     assert (tmp_path / "store" / "04_ptp_structured.csv").exists()

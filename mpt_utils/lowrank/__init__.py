@@ -3,7 +3,8 @@ really shrink). Methods, by registry name:
 
 - `svd`: plain truncated SVD of the weight (no data).
 - `asvd`: activation-aware scaling + sensitivity-based rank allocation (ASVD).
-- `svd_llm`: truncation-aware whitening by the Cholesky factor of XᵀX, optional sequential update.
+- `svd_llm`: truncation-aware whitening by the Cholesky factor of XᵀX, then the parameter update
+  (LoRA on U then V by default, as the reference; `update="none"` is whitening only).
 
 Every method has one entry point with the shared signature
 `plan = LOWRANK.get(name)(model, calib_ids=None, *, stats=None, device=None, layer_filter=None,
@@ -34,8 +35,8 @@ from mpt_utils.registry import Registry
 ENGINE_ARGS = ("model", "calib_ids", "stats", "device", "progress")
 LOWRANK: Registry = Registry("low-rank method", ENGINE_ARGS)
 LOWRANK.register("svd", version=1)(plan_svd)
-LOWRANK.register("asvd", version=1)(plan_asvd)
-LOWRANK.register("svd_llm", version=1)(plan_svd_llm)
+LOWRANK.register("asvd", version=2, sources=("mpt_utils.lowrank.ranks",))(plan_asvd)
+LOWRANK.register("svd_llm", version=2, sources=("mpt_utils.prune.structured.recovery",))(plan_svd_llm)
 
 # Mode I (weight-dominant) vs Mode II (activation-centric), as the Perspective groups them.
 MODES = {"svd": "I", "asvd": "I", "svd_llm": "II"}

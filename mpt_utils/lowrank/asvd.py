@@ -1,17 +1,28 @@
-"""ASVD (Yuan et al., 2023): activation-aware SVD with sensitivity-based rank allocation.
+"""ASVD: activation-aware SVD with sensitivity-based rank allocation.
 
-1. Scaling: input channels that carry large activations matter more, so the SVD is taken of
-   W·S with S = diag(mean|x_j|)^α (α = 0.5 in the paper) and undone after truncation:
-   W′ = U_r Σ_r V_rᵀ S⁻¹. The scaling only re-weights columns of W; it still reconstructs the weight
-   (the "weight-dominant", Mode I family of the Perspective), unlike SVD-LLM's whitening.
-2. Allocation: every layer (or group of layers) is compressed alone at each candidate reduction
-   and the calibration perplexity measured; one perplexity threshold then picks, per layer, the
-   largest reduction it tolerates, binary-searched until the whole model reaches the target
-   (`ranks.allocate_by_sensitivity`).
+Reference: "ASVD: Activation-aware Singular Value Decomposition for Compressing Large Language
+Models", Yuan, Shang, Song, Wu, Yan and Sun, arXiv:2312.05821, github.com/hahnyuan/ASVD4LLM.
+
+1. Scaling (`act_aware_utils.py`, `scaling_method="abs_mean"`): input channels that carry large
+   activations matter more, so the SVD is taken of W·S with S = diag(mean|x_j|)^α (α = 0.5) and undone
+   after truncation: W′ = U_r Σ_r V_rᵀ S⁻¹. The scaling only re-weights columns of W; it still
+   reconstructs the weight (the "weight-dominant", Mode I family of the Perspective), unlike SVD-LLM's
+   whitening.
+2. Allocation (`sensitivity.py` `calib_sensitivity_ppl`, `binary_search.py`): every layer (or group of
+   layers) is compressed alone at each candidate reduction and the calibration perplexity measured;
+   one perplexity threshold then picks, per layer, the largest reduction it tolerates, binary-searched
+   until the whole model reaches the target (`ranks.allocate_by_sensitivity`).
+
+Candidates: the reference tries `param_ratio_candidates = [0.4, ..., 0.9]`, the fraction of a layer's
+parameters *kept*, i.e. reductions 0.1-0.6 here (`DEFAULT_CANDIDATES`); no layer ever keeps less than
+40% (`min_kept=0.4`). A search down to 10% kept is available by passing larger candidates together
+with a lower `min_kept`; it lets the allocation gut a few insensitive layers, which the reference
+never does.
 
 The sensitivity search is the cost: groups × candidates forward passes. Each pass starts at the
 block being perturbed (earlier blocks are skipped, their cached dense outputs fed in), and
-`granularity="part"` (attention / MLP of a block share one reduction) keeps it cheap on CPU.
+`granularity="part"` (attention / MLP of a block share one reduction; the reference is "linear")
+keeps it cheap on CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +43,9 @@ from mpt_utils.lowrank.ranks import allocate_by_sensitivity, rank_for_ratio
 from mpt_utils.lowrank.svd import scaled_svd
 
 GRANULARITIES = ("linear", "part", "block")
-DEFAULT_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# reductions; the reference's param_ratio_candidates [0.4, ..., 0.9] are the kept fractions 1 - these
+DEFAULT_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+MIN_KEPT = 0.4  # the reference's floor: a layer keeps at least 40% of its parameters
 
 
 def activation_scale(stats: LayerStats, alpha: float = 0.5) -> torch.Tensor:
@@ -157,12 +170,15 @@ def sensitivity(model: nn.Module, facts: Mapping[str, Factorization], groups: Ma
 def plan_asvd(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
               stats: dict[str, LayerStats] | None = None, device: str | torch.device | None = None,
               layer_filter=None, progress: bool = True, alpha: float = 0.5,
-              candidates: Sequence[float] = DEFAULT_CANDIDATES, granularity: str = "linear",
-              sens_windows: int = 8, sens_seqlen: int | None = None,
+              candidates: Sequence[float] = DEFAULT_CANDIDATES, min_kept: float = MIN_KEPT,
+              granularity: str = "linear", sens_windows: int = 8, sens_seqlen: int | None = None,
               sensitivity_table: Mapping[str, Mapping[float, float]] | None = None) -> LowRankPlan:
     """ASVD: activation-scaled SVDs, then the sensitivity table (measured on the first `sens_windows`
     calibration windows cut to `sens_seqlen` tokens, or reused from `sensitivity_table`), then
-    `plan.ranks(ratio)` allocates by sensitivity. Needs calib_ids (or stats plus a given table)."""
+    `plan.ranks(ratio)` allocates by sensitivity. Needs calib_ids (or stats plus a given table).
+
+    `candidates` are per-group parameter reductions; none may keep less than `min_kept` of a layer
+    (the reference's floor, 0.4). Targets beyond what the candidates reach are an MPTError."""
     from mpt_utils.models import pick_device
 
     if not 0 < alpha <= 2:
@@ -171,7 +187,13 @@ def plan_asvd(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
         raise MPTError(f"unknown granularity {granularity!r}", f"use one of {GRANULARITIES}")
     cands = sorted({float(c) for c in candidates})
     if not cands or cands[0] <= 0 or cands[-1] >= 1:
-        raise MPTError(f"candidate reductions {list(candidates)} must lie in (0, 1)", "e.g. 0.1, 0.2, ..., 0.9")
+        raise MPTError(f"candidate reductions {list(candidates)} must lie in (0, 1)", "e.g. 0.1, 0.2, ..., 0.6")
+    if not 0 < min_kept <= 1:
+        raise MPTError(f"min_kept={min_kept} is outside (0, 1]", f"the reference keeps at least {MIN_KEPT}")
+    if 1 - cands[-1] < min_kept - 1e-9:
+        raise MPTError(f"candidate reduction {cands[-1]} keeps {1 - cands[-1]:.0%} of a layer, below the floor "
+                       f"min_kept={min_kept}",
+                       f"drop candidates above {1 - min_kept:.2f}, or lower min_kept (the reference: {MIN_KEPT})")
     dev = pick_device(device)
     if stats is None:
         if calib_ids is None:
@@ -205,6 +227,8 @@ def plan_asvd(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
         if set(table) != set(groups):
             raise MPTError("the given sensitivity table does not match this model's layer groups",
                            f"recompute it with granularity={granularity!r}")
+        # a stored table may hold candidates below the floor: they are never allocated
+        table = {g: {c: v for c, v in row.items() if 1 - c >= min_kept - 1e-9} for g, row in table.items()}
     shapes = {n: (lin.out_features, lin.in_features) for n, lin in linears.items()}
 
     def allocate(ratio: float) -> dict[str, int]:
@@ -213,4 +237,5 @@ def plan_asvd(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
 
     return LowRankPlan("asvd", facts, allocate,
                        {"calibration": True, "alpha": alpha, "granularity": granularity, "candidates": cands,
+                        "min_kept": min_kept,
                         "sensitivity": table, "sensitivity_base_ppl": base, "groups": groups})

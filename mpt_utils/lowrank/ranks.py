@@ -108,7 +108,8 @@ def allocate_by_sensitivity(groups: Mapping[str, Sequence[str]], shapes: Mapping
     if not taus or reduction(choice(taus[-1])) < target:
         best = max(reduction(choice(math.inf)), 0.0)
         raise MPTError(f"the sensitivity candidates reach at most {best:.1%} reduction, below target {target:.1%}",
-                       "add larger candidate reductions to the ASVD sensitivity search")
+                       "lower the target, or add larger candidate reductions to the ASVD sensitivity search "
+                       "(beyond 0.6, i.e. below the reference's 40% kept, also lower min_kept)")
     lo, hi = 0, len(taus) - 1
     while lo < hi:
         mid = (lo + hi) // 2

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from mpt_utils.errors import MPTError
+from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.store import ResultsStore
 
 FAMILY = "lowrank"
@@ -50,6 +51,7 @@ class LowRankSweep:
         self.calib_data, self.seqlen, self.n_calib = calib_data, seqlen, n_calib
         self.max_eval_windows, self.seed, self.device, self.progress = max_eval_windows, seed, device, progress
         self._loaded, self._calib, self._stats, self._plans = loaded, None, None, {}
+        self._paired = None
 
     # -- lazy pieces ------------------------------------------------------------------------------
     @property
@@ -80,13 +82,13 @@ class LowRankSweep:
     def base_config(self) -> dict[str, Any]:
         return {"model": self.model_name, "family": FAMILY, "bits": None, "seed": self.seed,
                 "seqlen": self.seqlen, "n_calib": self.n_calib, "calib_data": self.calib_data,
-                "max_windows": self.max_eval_windows, "device": self.device}
+                "max_windows": self.max_eval_windows, "device": self.device, "divergence_k": DIVERGENCE_K}
 
     def sensitivity_table(self, spec: SweepSpec) -> dict[str, dict[float, float]]:
         """ASVD's per-group calibration PPLs, from the store when an earlier run measured them."""
         from mpt_utils.lowrank.asvd import plan_asvd
 
-        opts = {k: spec.options[k] for k in ("alpha", "candidates", "granularity", "sens_windows", "sens_seqlen")
+        opts = {k: spec.options[k] for k in ("alpha", "candidates", "min_kept", "granularity", "sens_windows", "sens_seqlen")
                 if k in spec.options}
         cfg = {**self.base_config(), "method": "asvd_sensitivity", "ratio": None, "options": opts,
                "registry_method": "asvd"}
@@ -121,11 +123,18 @@ class LowRankSweep:
         return self._plans[spec.name]
 
     # -- points -----------------------------------------------------------------------------------
-    def _ppl_rows(self, data: str) -> list[dict]:
-        from mpt_utils.eval.perplexity import perplexity_rows
+    @property
+    def paired(self):
+        """Perplexity with the paired divergence from the dense model (`mpt_utils.eval.paired`)."""
+        if self._paired is None:
+            from mpt_utils.eval.paired import PairedEvaluator
 
-        return perplexity_rows(self.loaded.model, self.loaded.tokenizer, [data], self.seqlen,
-                               self.max_eval_windows, device=self.device, progress=self.progress)
+            self._paired = PairedEvaluator(self.model_name, self.loaded.tokenizer, self.seqlen,
+                                           self.max_eval_windows, store_root=self.store.root, device=self.device)
+        return self._paired
+
+    def _ppl_rows(self, data: str) -> list[dict]:
+        return self.paired.rows(self.loaded.model, [data], self.progress)
 
     def dense_point(self, data: str) -> list[dict]:
         cfg = {**self.base_config(), "method": "dense", "ratio": 0.0, "data": data}
@@ -134,6 +143,7 @@ class LowRankSweep:
             from mpt_utils.lowrank.factorized import count_params
 
             n = float(count_params(self.loaded.model))
+            self.paired.prepare(self.loaded.model, [data], self.progress)
             size = [{"metric": m, "value": v} for m, v in
                     (("param_reduction", 0.0), ("model_param_reduction", 0.0), ("flops_reduction", 0.0),
                      ("n_params", n))]
@@ -153,6 +163,7 @@ class LowRankSweep:
 
         def compute():
             model = self.loaded.model
+            self.paired.prepare(model, [data], self.progress)  # before any layer is swapped out
             with self.plan(spec).swapped(model, ratio) as report:
                 rows = self._ppl_rows(data)
                 n_params = sum(p.numel() for p in model.parameters())

@@ -4,13 +4,18 @@ Three ways to get each layer's input statistics, all through mpt_utils.calibrati
 - `calib_ids` with `sequential=True` (SparseGPT/Wanda protocol): block i is pruned from inputs that
   went through the already-pruned blocks 0..i-1; one block plus the activations on the device.
 - `stats` from `collect_stats` (one pass over the dense model): every point of a sparsity sweep
-  reuses them, and `cache` keeps each layer's ratio-independent factors (inverse Hessians).
+  reuses them, and `cache` keeps each layer's ratio-independent factors (inverse Hessians). A fast
+  shortcut, not the published protocol: later blocks are pruned for inputs they no longer receive.
 - no statistics at all for magnitude pruning.
+
+A per-block allocation (OWL) scores blocks on the dense model in every mode; those scores do not
+depend on the ratio, so a sweep computes them once (`allocation_scores`) and passes `block_scores`.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,7 +67,9 @@ def _prune_block(block: nn.Module, stats: dict[str, LayerStats] | None, method: 
                 raise MPTError(f"no calibration statistics for {prefix}.{name}",
                                "collect them with mpt_utils.calibration.collect_stats on this model")
             st = stats[name]
-            if not bool(torch.isfinite(st.gram).all()):  # else SparseGPT blames "too few calibration windows"
+            # a non-finite input or product shows on the diagonal Σx², so the check reads [in], not [in, in];
+            # else SparseGPT blames "too few calibration windows"
+            if not bool(torch.isfinite(torch.diagonal(st.gram)).all()):
                 raise MPTError(f"calibration statistics for {prefix}.{name} contain NaN/inf: the activations "
                                "reaching it are not finite",
                                "check the weights with mpt_utils.models.check_finite_weights(model), or "
@@ -83,16 +90,52 @@ def _block_weights(block: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.weight.data for n, m in linear_layers(block).items()}
 
 
+def _window_opts(spec: PruneMethod, method: str, opts: dict, calib_ids, calib_seqlen: int | None) -> dict:
+    """Fill `window_tokens` for methods whose statistic is a per-window sum (DSnoT): the length of
+    the calibration windows, known from `calib_ids`, or given with dense `stats` as `calib_seqlen`."""
+    if "window_tokens" not in inspect.signature(spec.fn).parameters or opts.get("window_tokens") is not None:
+        return opts
+    window = int(calib_ids.shape[1]) if calib_ids is not None else calib_seqlen
+    if window is None:
+        raise MPTError(f"{method} sums its statistic over one calibration window, whose length dense "
+                       "statistics do not record",
+                       "pass calib_seqlen=<tokens per calibration window> with stats=..., or calib_ids=...")
+    return {**opts, "window_tokens": int(window)}
+
+
+@torch.no_grad()
+def allocation_scores(model: nn.Module, method: str, *, calib_ids=None, stats: dict[str, LayerStats] | None = None,
+                      device: str | torch.device | None = None, progress: bool = False, **opts) -> list[float] | None:
+    """The dense-model block scores of `method`'s per-block allocation (OWL's outlier ratios), or
+    None for a uniform method. Ratio-independent: a sweep computes them once for all its points."""
+    spec = get_method(method)
+    if spec.allocate is None:
+        return None
+    layers, prefixes = decoder_layers(model), block_prefixes(model)
+    if stats is not None:
+        return [spec.allocate.block_score(_block_weights(b), _block_stats(stats, p), **opts)
+                for p, b in zip(prefixes, layers)]
+    if calib_ids is None:
+        raise MPTError(f"{method} needs calibration data", "pass calib_ids=... or stats=collect_stats(...)")
+    scores: list[float] = []
+    layerwise(model, calib_ids, lambda i, b, st: scores.append(spec.allocate.block_score(_block_weights(b), st, **opts)),
+              sequential=False, device=device, progress=progress, desc=f"{method} block scores")
+    return scores
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *, calib_ids=None,
                 stats: dict[str, LayerStats] | None = None, pattern=None, sequential: bool = True,
                 device: str | torch.device | None = None, cache: dict | None = None, progress: bool = False,
+                calib_seqlen: int | None = None, block_scores: list[float] | None = None,
                 **opts) -> PruneReport:
     """Prune `model` in place with registered `method` at `sparsity` (or N:M `pattern`, e.g. '2:4').
 
     Give either `calib_ids` (LongTensor [n, seqlen], the layer-by-layer engine) or `stats` (dense
-    statistics from `collect_stats`, keyed by full module name); magnitude needs neither. `opts` go
-    to the method (e.g. base='sparsegpt' for owl/dsnot, percdamp, m and lam for OWL).
+    statistics from `collect_stats`, keyed by full module name, with `calib_seqlen` the length of
+    the windows they came from); magnitude needs neither. `block_scores`: the dense block scores of
+    an allocating method (from `allocation_scores`), else computed here. `opts` go to the method
+    (e.g. base='sparsegpt' for owl/dsnot, percdamp, m and lam for OWL).
     """
     spec = get_method(method)
     check_method_options(method, opts)
@@ -103,6 +146,11 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
                        "use unstructured sparsity with this method, or another method for N:M")
     if spec.needs_stats and stats is None and calib_ids is None:
         raise MPTError(f"{method} needs calibration data", "pass calib_ids=... or stats=collect_stats(...)")
+    if spec.needs_stats:
+        opts = _window_opts(spec, method, opts, None if stats is not None else calib_ids, calib_seqlen)
+    if spec.allocate is not None and block_scores is not None and len(block_scores) != len(decoder_layers(model)):
+        raise MPTError(f"{len(block_scores)} block scores for a model with {len(decoder_layers(model))} blocks",
+                       "compute them on this model with mpt_utils.prune.engine.allocation_scores")
     layers = decoder_layers(model)
     prefixes = block_prefixes(model)
     start = time.perf_counter()
@@ -116,8 +164,7 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
         mode = "dense-stats"
         targets = [target] * len(layers)
         if spec.allocate is not None:
-            scores = [spec.allocate.block_score(_block_weights(b), _block_stats(stats, p), **opts)
-                      for p, b in zip(prefixes, layers)]
+            scores = block_scores or allocation_scores(model, method, stats=stats, **opts)
             targets = spec.allocate.ratios(scores, target, **opts)
         for prefix, block, s in zip(prefixes, layers, targets):
             _prune_block(block, _block_stats(stats, prefix), spec, s, nm, prefix, cache, opts)
@@ -125,10 +172,8 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
         mode = "sequential" if sequential else "one-shot dense"
         targets = [target] * len(layers)
         if spec.allocate is not None:  # OWL: outlier ratios from a dense pass, as the released code does
-            scores: list[float] = []
-            layerwise(model, calib_ids, lambda i, b, st: scores.append(
-                spec.allocate.block_score(_block_weights(b), st, **opts)), sequential=False, device=device,
-                progress=progress, desc="OWL outlier ratios")
+            scores = block_scores or allocation_scores(model, method, calib_ids=calib_ids, device=device,
+                                                       progress=progress, **opts)
             targets = spec.allocate.ratios(scores, target, **opts)
 
         def on_block(i: int, block: nn.Module, st: dict[str, LayerStats]) -> None:

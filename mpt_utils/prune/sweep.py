@@ -1,23 +1,28 @@
 """Sparsity sweeps: many (method, sparsity) points on one model, each point stored as it finishes.
 
-What does not depend on the ratio is computed once per session and reused by every point: the
-tokenized calibration windows, the dense model's per-layer statistics (`collect_stats`, mode
-"dense") and each layer's inverse-Hessian factors (the per-layer `cache`). Mode "sequential" runs
-the layer-by-layer engine for every point instead (inputs of block i come from the pruned blocks
-before it: the published protocol), reusing only the calibration windows.
+Mode "sequential" (the default) is the published protocol of Wanda, SparseGPT, ADMM, RIA, OWL and
+DSnoT: every point runs the layer-by-layer engine, so block i is pruned from the outputs of the
+already pruned blocks 0..i-1. Those inputs change with the method and the ratio, so each point
+recomputes every block's statistics, even for mask-only methods; what a session reuses is what does
+not depend on the point: the tokenized calibration windows and OWL's dense block scores.
+Mode "dense" is a labelled fast shortcut: the dense model's per-layer statistics (`collect_stats`)
+are collected once and every point prunes from them, with each layer's inverse-Hessian factors kept
+in the per-layer `cache`; later blocks are then pruned for inputs they no longer receive (notebook
+02 measures how far that drifts).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
 
 from mpt_utils.errors import MPTError
+from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.prune.masks import parse_pattern, pattern_name, resolve_sparsity
 from mpt_utils.store import ResultsStore
 
@@ -54,6 +59,7 @@ class _Shared:
     def __init__(self, loaded=None):
         self.loaded = loaded
         self.dense: dict[str, torch.Tensor] | None = None
+        self.pruned = True  # unknown until the first restore: the loaded model may come pruned
 
 
 class PruneSession:
@@ -62,7 +68,7 @@ class PruneSession:
 
     def __init__(self, model: str, store: ResultsStore, *, calib_data: str, n_calib: int, seqlen: int,
                  eval_data: Sequence[str], max_eval_windows: int | None = None, seed: int = 0,
-                 device: str | None = None, mode: str = "dense", calib_seqlen: int | None = None,
+                 device: str | None = None, mode: str = "sequential", calib_seqlen: int | None = None,
                  loaded=None, progress: bool = False):
         if mode not in MODES:
             raise MPTError(f"unknown sweep mode {mode!r}", f"use one of {MODES}")
@@ -74,6 +80,8 @@ class PruneSession:
         self._calib: torch.Tensor | None = None
         self._stats = None
         self._cache: dict[str, dict] = {}
+        self._scores: dict[str, list[float]] = {}  # OWL's dense block scores by method and options
+        self._paired = None
         self.stats_seconds = math.nan
 
     # -- lazily built, ratio-independent state -------------------------------------------------
@@ -117,6 +125,7 @@ class PruneSession:
         for i, linears in enumerate(block_linears(self.loaded.model)):
             for n, lin in linears.items():
                 lin.weight.copy_(dense[f"{i}.{n}"])
+        self._shared.pruned = False
 
     @property
     def calib_ids(self) -> torch.Tensor:
@@ -133,18 +142,46 @@ class PruneSession:
             from mpt_utils.calibration import collect_stats
 
             self._snapshot()
-            self.restore()
+            if self._shared.pruned:
+                self.restore()
             start = time.perf_counter()
             self._stats = collect_stats(self.loaded.model, self.calib_ids, device=self.device,
                                         progress=self.progress)
             self.stats_seconds = time.perf_counter() - start
         return self._stats
 
+    @property
+    def paired(self):
+        """Perplexity with the paired divergence from the dense model (`mpt_utils.eval.paired`)."""
+        if self._paired is None:
+            from mpt_utils.eval.paired import PairedEvaluator
+
+            self._paired = PairedEvaluator(self.model, self.loaded.tokenizer, self.seqlen, self.max_eval_windows,
+                                           store_root=self.store.root, device=self.device)
+        return self._paired
+
+    def block_scores(self, name: str, opts: dict[str, Any]) -> list[float] | None:
+        """The dense block scores of an allocating method (OWL), computed once per session: every
+        point and every ratio of a sweep allocates from the same dense model."""
+        from mpt_utils.prune.engine import allocation_scores
+
+        key = f"{name}:{sorted(opts.items())!r}"
+        if key not in self._scores:
+            if self._shared.pruned:
+                self.restore()
+            data = {"stats": self.stats} if self.mode == "dense" else {"calib_ids": self.calib_ids}
+            scores = allocation_scores(self.loaded.model, name, device=self.device, progress=self.progress,
+                                       **data, **opts)
+            if scores is None:
+                return None
+            self._scores[key] = scores
+        return self._scores[key]
+
     def close(self) -> None:
         """Free the statistics and caches (the model stays loaded and is restored to dense)."""
         if self._shared.loaded is not None and self._shared.dense is not None:
             self.restore()
-        self._stats, self._cache = None, {}
+        self._stats, self._cache, self._scores = None, {}, {}
 
     # -- points --------------------------------------------------------------------------------
     def config(self, method: str, sparsity: float, pattern: str | None, opts: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +198,7 @@ class PruneSession:
                 "calib_seqlen": None if data_free else self.calib_seqlen,
                 "mode": "data-free" if data_free else self.mode, "opts": opts,
                 "eval_data": self.eval_data, "seqlen": self.seqlen, "max_eval_windows": self.max_eval_windows,
-                "device": self.device}
+                "device": self.device, "divergence_k": DIVERGENCE_K}
 
     def point(self, method: str, sparsity: float | None = None, pattern: str | None = None,
               **opts: Any) -> list[dict[str, Any]]:
@@ -173,26 +210,31 @@ class PruneSession:
         return self.store.get_or_compute(cfg, lambda: self._compute(cfg))
 
     def _compute(self, cfg: dict[str, Any]) -> list[dict[str, Any]]:
-        from mpt_utils.eval.perplexity import perplexity_rows
         from mpt_utils.prune import get_method, prune_model
 
         name, _ = parse_method(cfg["method"])
         spec = get_method(name)
         self._snapshot()
-        self.restore()
+        if self._shared.pruned:
+            self.restore()
+        self.paired.prepare(self.loaded.model, self.eval_data, self.progress)  # the model is dense here
         kwargs: dict[str, Any] = dict(cfg["opts"])
         if spec.needs_stats and self.mode == "dense":
-            kwargs.update(stats=self.stats, cache=self._cache)
+            kwargs.update(stats=self.stats, cache=self._cache, calib_seqlen=self.calib_seqlen)
         elif spec.needs_stats:
             kwargs.update(calib_ids=self.calib_ids, sequential=True, device=self.device)
+        if spec.allocate is not None:
+            kwargs["block_scores"] = self.block_scores(name, cfg["opts"])
         pattern = None if cfg["pattern"] == "unstructured" else cfg["pattern"]
-        report = prune_model(self.loaded.model, name, None if pattern else cfg["ratio"], pattern=pattern,
-                             progress=self.progress, **kwargs)
-        if pattern is not None and not report.nm_ok:
-            raise MPTError(f"{cfg['method']} broke the {pattern} pattern", "this is a bug: please report it")
-        ppl = perplexity_rows(self.loaded.model, self.loaded.tokenizer, self.eval_data, self.seqlen,
-                              self.max_eval_windows, device=self.device, progress=self.progress)
-        self.restore()
+        try:
+            self._shared.pruned = True
+            report = prune_model(self.loaded.model, name, None if pattern else cfg["ratio"], pattern=pattern,
+                                 progress=self.progress, **kwargs)
+            if pattern is not None and not report.nm_ok:
+                raise MPTError(f"{cfg['method']} broke the {pattern} pattern", "this is a bug: please report it")
+            ppl = self.paired.rows(self.loaded.model, self.eval_data, self.progress)
+        finally:
+            self.restore()
         common = {"pattern": cfg["pattern"], "calib_data": cfg["calib_data"], "mode": cfg["mode"],
                   "sparsity": report.achieved, "sparsity_all_params": report.sparsity_all_params,
                   "nm_ok": report.nm_ok, "prune_mode": report.mode, "prune_seconds": report.seconds,
@@ -218,3 +260,36 @@ class PruneSession:
                 rows.extend(self.point(method, s if p is None else None, p, **opts))
             self._cache = {}  # a method's factors are reused across its points, then freed
         return pd.DataFrame(rows)
+
+    def compare_modes(self, methods: Iterable[str], sparsities: Iterable[float],
+                      method_opts: Mapping[str, dict[str, Any]] | None = None) -> pd.DataFrame:
+        """How far the dense-statistics shortcut drifts from sequential pruning: one row per
+        (calibrated method, sparsity) with the PPL on the first eval set in both modes, their ratio
+        (dense / sequential) and each mode's pruning seconds. Stored points (e.g. this session's
+        sweep) are reused; data-free methods are skipped (the same point in both modes)."""
+        from mpt_utils.prune import get_method
+
+        sessions = {m: self if m == self.mode else self.derive(mode=m) for m in MODES}
+        rows: list[dict[str, Any]] = []
+        try:
+            for method in methods:
+                if not get_method(parse_method(method)[0]).needs_stats:
+                    continue
+                opts = dict((method_opts or {}).get(method, {}))
+                for s in sparsities:
+                    row: dict[str, Any] = {"method": method, "sparsity": float(s)}
+                    for mode, session in sessions.items():
+                        ppl = next(r for r in session.point(method, s, **opts)
+                                   if r["metric"] == "ppl" and r["data"] == self.eval_data[0])
+                        row[f"ppl_{mode}"] = ppl["value"]
+                        row[f"prune_seconds_{mode}"] = ppl["prune_seconds"]
+                    row["ratio"] = row["ppl_dense"] / row["ppl_sequential"]
+                    rows.append(row)
+                for session in sessions.values():
+                    session._cache = {}
+        finally:
+            for session in sessions.values():
+                if session is not self:
+                    session.close()
+        return pd.DataFrame(rows, columns=["method", "sparsity", "ppl_sequential", "ppl_dense", "ratio",
+                                           "prune_seconds_sequential", "prune_seconds_dense"])

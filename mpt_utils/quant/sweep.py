@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 import torch
 
+from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.store import ResultsStore
 
 FAMILY = "quant"
@@ -36,7 +37,7 @@ class Setup:
     def config(self) -> dict:
         return {"model": self.model, "family": FAMILY, "data": self.eval_data, "calib_data": self.calib_data,
                 "seqlen": self.seqlen, "n_calib": self.n_calib, "max_windows": self.max_windows,
-                "seed": self.seed}
+                "seed": self.seed, "divergence_k": DIVERGENCE_K}
 
 
 class Workbench:
@@ -50,6 +51,7 @@ class Workbench:
         self._loaded = None
         self._calib: torch.Tensor | None = None
         self._stats = None
+        self._paired = None
 
     @property
     def loaded(self):
@@ -80,18 +82,28 @@ class Workbench:
                                         progress=False)
         return self._stats
 
+    def paired(self, store_root=None):
+        """The evaluator of every point: perplexity and KL to the dense model on the same windows
+        (`mpt_utils.eval.paired`); the dense reference is cached under `store_root` when given."""
+        from mpt_utils.eval.paired import PairedEvaluator
+
+        if self._paired is None:
+            s = self.setup
+            self._paired = PairedEvaluator(s.model, self.loaded.tokenizer, s.seqlen, s.max_windows,
+                                           store_root=store_root, device=s.device)
+        if store_root is not None and self._paired.store_root is None:
+            self._paired.store_root = store_root
+        return self._paired
+
     def fresh_model(self) -> torch.nn.Module:
         return copy.deepcopy(self.loaded.model)
 
 
-def _ppl_rows(model: torch.nn.Module, bench: Workbench, progress: bool) -> dict:
-    from mpt_utils.eval.perplexity import perplexity
-
-    s = bench.setup
-    res = perplexity(model, bench.eval_ids(), seqlen=s.seqlen, max_windows=s.max_windows, device=s.device,
-                     progress=progress, desc="ppl")
-    return {"metric": "ppl", "value": res.ppl, "nll": res.nll, "n_tokens": res.n_tokens,
-            "n_windows": res.n_windows, "tokens_per_s": res.tokens_per_s}
+def _ppl_rows(model: torch.nn.Module, bench: Workbench, store: ResultsStore, progress: bool) -> list[dict]:
+    """Perplexity (with its standard error) and the paired divergence from the dense model."""
+    paired = bench.paired(store.root)
+    paired.prepare(bench.loaded.model, [bench.setup.eval_data], progress)
+    return paired.rows(model, [bench.setup.eval_data], progress)
 
 
 def dense_point(store: ResultsStore, bench: Workbench, progress: bool = True) -> list[dict]:
@@ -101,9 +113,9 @@ def dense_point(store: ResultsStore, bench: Workbench, progress: bool = True) ->
     def compute():
         model = bench.loaded.model
         n_params = sum(p.numel() for p in model.parameters())
-        ppl = _ppl_rows(model, bench, progress)
+        ppl = _ppl_rows(model, bench, store, progress)
         extra = {"scheme": "FP16 (dense)", "ratio": 0.0}
-        return [{**ppl, **extra}, {"metric": "size_gb", "value": n_params * 2 / 1e9, **extra},
+        return [*({**r, **extra} for r in ppl), {"metric": "size_gb", "value": n_params * 2 / 1e9, **extra},
                 {"metric": "bits_per_weight", "value": 16.0, **extra}]
 
     return store.get_or_compute(cfg, compute)
@@ -135,11 +147,11 @@ def quant_point(store: ResultsStore, bench: Workbench, method: str, bits: int, *
         result = quantize(model, method, bits=bits, group_size=group_size, sym=sym, calib_ids=calib,
                           device=bench.setup.device, progress=progress, **options, **shared)
         size = storage(model, result.layers)
-        ppl = _ppl_rows(model, bench, progress)
+        ppl = _ppl_rows(model, bench, store, progress)
         del model
         extra = {"scheme": scheme_label(method, bits, group_size, sym), "ratio": size.ratio,
                  "group_size": group_size, "act_bits": result.act_bits}
-        rows = [{**ppl, **extra}]
+        rows = [{**r, **extra} for r in ppl]
         for metric in ("size_gb", "bits_per_weight", "bits_per_param"):
             rows.append({"metric": metric, "value": getattr(size, metric), **extra})
         rows.append({"metric": "quant_seconds", "value": result.seconds, **extra})

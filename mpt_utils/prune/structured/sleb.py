@@ -1,6 +1,14 @@
-"""SLEB (Song et al., ICML 2024): remove redundant decoder blocks one at a time, each time the block
-whose removal gives the lowest perplexity on the calibration windows (greedy, re-evaluated after
-every removal, so interactions between removed blocks are accounted for).
+"""SLEB: remove redundant decoder blocks one at a time, each time the block whose removal gives the
+lowest perplexity on the calibration windows (greedy, re-evaluated after every removal, so
+interactions between removed blocks are accounted for).
+
+Reference: "SLEB: Streamlining LLMs through Redundancy Verification and Elimination of Transformer
+Blocks", Song, Oh, Kim, Kim, Kim and Kim, arXiv:2402.09025 (ICML 2024),
+github.com/jiwonsong-dev/SLEB (`sleb.py`). Its search only visits alive blocks
+`range(early_barrier, n_alive - latter_barrier)` with both barriers 1 by default, so the first and
+the last block are never removed; `early_barrier` / `latter_barrier` default to the same and 0 lifts
+the protection. Calibration: 128 windows of 2048 tokens of WikiText-2 in the reference (the sweep's
+profile sets ours); blocks are scored by the summed NLL, which ranks them as the reference's loss does.
 
 The greedy sequence for k removals is a prefix of the one for k+1, so a sweep computes it once, to
 its largest ratio. Each candidate is scored from the cached inputs of its own block: blocks before
@@ -8,6 +16,8 @@ it are unchanged by its removal, which halves the cost of a naive re-run.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -41,9 +51,12 @@ def _run(layers, alive: list[int], x: torch.Tensor, kwargs: dict) -> torch.Tenso
 
 @torch.no_grad()
 def removal_order(model: nn.Module, calib_ids: torch.Tensor, n_remove: int, prefix: list[int] | None = None,
-                  device: str | torch.device | None = None, progress: bool = True) -> list[int]:
-    """Original indices of the first `n_remove` blocks SLEB removes, extending `prefix` if given."""
+                  device: str | torch.device | None = None, progress: bool = True, early_barrier: int = 1,
+                  latter_barrier: int = 1) -> list[int]:
+    """Original indices of the first `n_remove` blocks SLEB removes, extending `prefix` if given.
+    The first `early_barrier` and last `latter_barrier` blocks are never candidates."""
     layers = decoder_layers(model)
+    _check_barriers(len(layers), n_remove, early_barrier, latter_barrier)
     dev = model_device(model, device)
     model.to(dev)
     was_training = model.training
@@ -65,6 +78,8 @@ def removal_order(model: nn.Module, calib_ids: torch.Tensor, n_remove: int, pref
                     xs = [_run(layers, [j], x, kwargs) for x in xs]
             best, best_nll = -1, float("inf")
             for pos, j in enumerate(alive):
+                if pos < early_barrier or pos >= len(alive) - latter_barrier:
+                    continue  # protected ends (the barriers never shift: their blocks are never removed)
                 rest = alive[pos + 1:]
                 starts = block_in[j] if keep_cache else [_run(layers, alive[:pos], x, kwargs) for x in inputs]
                 nll = 0.0
@@ -81,18 +96,38 @@ def removal_order(model: nn.Module, calib_ids: torch.Tensor, n_remove: int, pref
     return removed
 
 
-@STRUCTURED.register("sleb", version=1)
+def _check_barriers(n_layers: int, n_remove: int, early: int, latter: int) -> None:
+    if early < 0 or latter < 0:
+        raise MPTError(f"SLEB barriers must be >= 0, got early_barrier={early}, latter_barrier={latter}",
+                       "use the reference's early_barrier=1, latter_barrier=1 (0 lifts the protection)")
+    if n_remove > n_layers - early - latter:
+        raise MPTError(f"SLEB cannot remove {n_remove} of {n_layers} blocks with the first {early} and last "
+                       f"{latter} protected", "use a smaller ratio, or lower early_barrier / latter_barrier")
+
+
+@STRUCTURED.register("sleb", version=2)
 def sleb(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: dict | None = None, seed: int = 0,
-         device: str | torch.device | None = None, progress: bool = True) -> dict:
-    """Greedily remove round(ratio * n_blocks) blocks by calibration perplexity."""
+         early_barrier: int = 1, latter_barrier: int = 1, device: str | torch.device | None = None,
+         progress: bool = True) -> dict:
+    """Greedily remove round(ratio * n_blocks) blocks by calibration perplexity, never one of the first
+    `early_barrier` or last `latter_barrier` blocks (the reference's 1 and 1). When the protected ends
+    leave fewer blocks than requested (tiny models), all unprotected blocks go and a warning says so;
+    the achieved reduction is measured as always."""
     n_layers = len(decoder_layers(model))
-    n_remove = min(int(round(ratio * n_layers)), n_layers - 1)
-    key = f"sleb:{tuple(calib_ids.shape)}:{int(calib_ids.long().sum())}"
+    requested = int(round(ratio * n_layers))
+    _check_barriers(n_layers, 0, early_barrier, latter_barrier)
+    n_remove = min(requested, max(n_layers - early_barrier - latter_barrier, 0))
+    if n_remove < requested:  # only tiny models get here: 30 blocks allow ratios up to 0.93
+        warnings.warn(f"SLEB: {requested} of {n_layers} blocks requested but the first {early_barrier} and last "
+                      f"{latter_barrier} are protected; removing {n_remove} (early_barrier=0 / latter_barrier=0 "
+                      "lift the protection)", stacklevel=2)
+    key = f"sleb:{tuple(calib_ids.shape)}:{int(calib_ids.long().sum())}:{early_barrier}:{latter_barrier}"
     prefix = list(cache.get(key, [])) if cache is not None else []
     if len(prefix) < n_remove:
-        prefix = removal_order(model, calib_ids, n_remove, prefix, device, progress)
+        prefix = removal_order(model, calib_ids, n_remove, prefix, device, progress, early_barrier, latter_barrier)
         if cache is not None:
             cache[key] = prefix
     order = prefix[:n_remove]
     drop_blocks(model, order)
-    return {"removed_blocks": sorted(order), "removal_order": order}
+    return {"removed_blocks": sorted(order), "removal_order": order, "requested_blocks": requested,
+            "barriers": [early_barrier, latter_barrier]}

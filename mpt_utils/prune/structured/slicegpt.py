@@ -1,15 +1,25 @@
-"""SliceGPT (Ashkboos et al., ICLR 2024): rotate the residual stream into its PCA basis and delete the
-least-energetic directions, shrinking the hidden size of every weight matrix.
+"""SliceGPT: rotate the residual stream into its PCA basis and delete the least-energetic directions,
+shrinking the hidden size of every weight matrix.
+
+Reference: "SliceGPT: Compress Large Language Models by Deleting Rows and Columns", Ashkboos,
+Croci, Nascimento, Hoefler and Hensman, arXiv:2401.15024 (ICLR 2024),
+github.com/microsoft/TransformerCompression (`src/slicegpt/rotate.py` `rotate_and_slice_sequential`,
+`layernorm_fusion.py`, `slicing_scheduler.py`).
 
 RMSNorm is invariant to orthogonal rotations once its scale is folded into the next linear layers,
 so a block computes the same function in any basis Q. Following the paper, each block gets its own
 bases, computed from calibration signals of the already-sliced model (interleaved PCA and slicing):
 Q_attn from the residual entering attention, Q_mlp from the residual after attention, Q_out from the
 block output. The residual connections carry the change of basis as shortcut matrices Q_aᵀQ_b, which
-are the price of per-block bases (they are counted in the achieved parameter reduction).
+are the price of per-block bases (they are counted in the achieved parameter reduction). The sliced
+width is int((1 − ratio)·hidden) rounded down to a multiple of `round_to` (the reference's
+`round_interval`, 8 in its experiments).
 
-With a tied embedding / LM head the two are untied (they need different rotations) and, unless told
-otherwise, the head is sliced too so the untied copy stays small.
+LM head, as in the reference: `fuse_modules` gives the head its own copy of a tied embedding matrix
+(the two need different rotations, so they are untied), the final norm's scale is folded into it and
+it is rotated by the last block's output basis, but it is not sliced (`do_slice_head=False`): the last
+block writes the full hidden size back and the head keeps it. `slice_head=True` slices the head too
+(smaller, not the reference).
 """
 
 from __future__ import annotations
@@ -33,10 +43,11 @@ from mpt_utils.prune.structured.surgery import (
 
 
 def sliced_dim(hidden: int, ratio: float, round_to: int = 8) -> int:
-    """New hidden size: remove `ratio` of it, rounded down to a multiple of `round_to` (>= round_to)."""
+    """New hidden size: int((1 - ratio)·hidden) rounded down to a multiple of `round_to` (>= round_to),
+    the reference's `new_embedding_dimension`."""
     if ratio == 0:
         return hidden
-    keep = int(hidden - round(ratio * hidden))
+    keep = int((1 - ratio) * hidden)
     return max(round_to, keep - keep % round_to) if hidden >= round_to else max(1, keep)
 
 
@@ -79,12 +90,13 @@ def _linear_from(weight: torch.Tensor, like: nn.Linear) -> nn.Linear:
 
 
 
-@STRUCTURED.register("slicegpt", version=1)
+@STRUCTURED.register("slicegpt", version=2, sources=("mpt_utils.prune.structured.recovery",))
 @torch.no_grad()
 def slicegpt(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: dict | None = None,
-             round_to: int = 8, slice_head: bool | None = None, damp: float = 0.01, seed: int = 0,
+             round_to: int = 8, slice_head: bool = False, damp: float = 0.01, seed: int = 0,
              device: str | torch.device | None = None, progress: bool = True) -> dict:
-    """Slice `ratio` of the hidden size after per-block PCA rotations (ratio 0: rotate only)."""
+    """Slice `ratio` of the hidden size after per-block PCA rotations (ratio 0: rotate only). The LM
+    head keeps the full hidden size unless `slice_head=True` (the reference's default is False)."""
     layers = decoder_layers(model)
     base = getattr(model, "model", None)
     final_norm = getattr(base, "norm", None)
@@ -99,7 +111,7 @@ def slicegpt(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: 
     model.eval()
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
-    slice_head = tied if slice_head is None else bool(slice_head)
+    slice_head = bool(slice_head)
     d = emb.weight.shape[1]
     d_new = sliced_dim(d, ratio, round_to)
     eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", getattr(model.config, "rms_norm_eps", 1e-6)))

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 from mpt_utils.data import calibration_windows
-from mpt_utils.eval.perplexity import perplexity_rows
+from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
+from mpt_utils.eval.paired import PairedEvaluator
 from mpt_utils.models import LoadedModel
 from mpt_utils.prune.structured import CALIBRATION_FREE, STRUCTURED, structured_prune
 from mpt_utils.store import ResultsStore
@@ -54,7 +55,7 @@ class SweepSettings:
                 "seed": self.seed, "data": None if method in CALIBRATION_FREE else self.calib_data,
                 "seqlen": self.seqlen, "n_calib": None if method in CALIBRATION_FREE else self.n_calib,
                 "calib_slice": cal or None, "options": self.options.get(method, {}), "device": self.device,
-                "max_eval_windows": self.max_eval_windows}
+                "max_eval_windows": self.max_eval_windows, "divergence_k": DIVERGENCE_K}
 
 
 class _Lazy:
@@ -80,9 +81,12 @@ def _calib(settings: SweepSettings, tokenizer, method: str, cache: dict) -> torc
     return cache[key][: cal.get("n"), : cal.get("seqlen")]
 
 
-def _ppl_rows(model, tokenizer, settings: SweepSettings, ratio: float, progress: bool) -> list[dict]:
-    return perplexity_rows(model, tokenizer, settings.datasets(ratio), settings.seqlen, settings.max_eval_windows,
-                           device=settings.device, progress=progress)
+def _ppl_rows(model, dense, paired: PairedEvaluator, settings: SweepSettings, ratio: float,
+              progress: bool) -> list[dict]:
+    """Perplexity and the paired divergence from `dense` (whose reference is read or made once)."""
+    datasets = settings.datasets(ratio)
+    paired.prepare(dense, datasets, progress)
+    return paired.rows(model, datasets, progress)
 
 
 def structured_sweep(loaded: LoadedModel, store: ResultsStore, settings: SweepSettings,
@@ -95,6 +99,8 @@ def structured_sweep(loaded: LoadedModel, store: ResultsStore, settings: SweepSe
     for m in methods:  # unknown methods and misspelled options fail before any work
         STRUCTURED.check_options(m, settings.options.get(m, {}))
     dense, tok = loaded.model, loaded.tokenizer
+    paired = PairedEvaluator(settings.model, tok, settings.seqlen, settings.max_eval_windows, store_root=store.root,
+                             device=settings.device)
     cache: dict = {}
     rows: list[dict] = []
     rec = settings.recovery or {}
@@ -121,7 +127,7 @@ def structured_sweep(loaded: LoadedModel, store: ResultsStore, settings: SweepSe
                 model, res = pruned.get()
                 size = {"param_reduction": res.param_reduction, "block_reduction": res.block_reduction,
                         "n_params": res.params_after, "n_layers": res.n_layers_after}
-                out = [{**r, **extra, **size} for r in _ppl_rows(model, tok, settings, ratio, progress)]
+                out = [{**r, **extra, **size} for r in _ppl_rows(model, dense, paired, settings, ratio, progress)]
                 out += [{"metric": k, "value": v, **extra, **size} for k, v in size.items()]
                 out.append({"metric": "prune_seconds", "value": res.seconds, **extra, **size,
                             "detail": res.detail})
@@ -170,7 +176,7 @@ def structured_sweep(loaded: LoadedModel, store: ResultsStore, settings: SweepSe
                     pruned._value = None  # weights changed: later points must not reuse this model
                     tag = {"recovered": True, "calibration_free": free, **size, **info,
                            "recovery_data": f"{settings.calib_data} calibration split"}
-                    return [{**r, **tag} for r in _ppl_rows(model, tok, settings, ratio, progress)]
+                    return [{**r, **tag} for r in _ppl_rows(model, dense, paired, settings, ratio, progress)]
 
                 rows += store.get_or_compute({**base, "kind": "ppl", "eval": settings.datasets(ratio), "recovery": {
                     **kw, "windows": rec.get("windows", 64), "seqlen": rec.get("seqlen", settings.seqlen)}}, rec_rows)

@@ -96,31 +96,32 @@ def _config(gb: GGUFBench, scheme: str) -> dict:
             "kv_type": gb.kv_type, "imatrix": scheme in NEEDS_IMATRIX, "export": gb.export_dtype}
 
 
-@GGUF_STEPS.register("gguf", version=1, sources=(_EXPORT, "mpt_utils.quant.gguf.quantize",
+@GGUF_STEPS.register("gguf", version=2, sources=(_EXPORT, "mpt_utils.quant.gguf.quantize",
                                                   "mpt_utils.quant.gguf.imatrix"))
 def gguf_point(store: ResultsStore, gb: GGUFBench, scheme: str, keep_files: bool = False,
                progress: bool = True) -> list[dict]:
-    from mpt_utils.eval.llamacpp import llamacpp_perplexity
     from mpt_utils.quant.gguf.fileinfo import read_gguf
 
     check_scheme(scheme)
 
     def compute():
         s = gb.bench.setup
+        paired = gb.bench.paired(store.root)
+        paired.prepare(gb.bench.loaded.model, [s.eval_data], progress)  # the torch dense model
         path, built = gb.build(scheme)
         info = read_gguf(path)
-        res = llamacpp_perplexity(path, gb.bench.eval_ids(), seqlen=s.seqlen, max_windows=s.max_windows,
-                                  n_threads=gb.n_threads, kv_type=gb.kv_type, progress=progress,
-                                  desc=f"llama.cpp {scheme}", n_gpu_layers=gb.n_gpu_layers)
+        # perplexity and KL to the dense torch model from one llama.cpp pass, in a child process
+        scored = paired.rows(path, [s.eval_data], progress, llamacpp={
+            "n_threads": gb.n_threads, "kv_type": gb.kv_type, "n_gpu_layers": gb.n_gpu_layers})
+        res = scored[0]
         if not keep_files and scheme != gb.export_scheme:
             path.unlink(missing_ok=True)
         n_params_fp16 = info.n_params * 2
         extra = {"scheme": scheme, "ratio": 1.0 - info.tensor_bytes / n_params_fp16, "types": info.summary(),
                  "n_fallback": len(built["fallbacks"]), "imatrix": scheme in NEEDS_IMATRIX,
                  "type_params": json.dumps(info.type_params)}
-        return [{"metric": "ppl", "value": res.ppl, "nll": res.nll, "n_tokens": res.n_tokens,
-                 "n_windows": res.n_windows, "tokens_per_s": res.tokens_per_s, **extra},
-                {"metric": "tokens_per_s", "value": res.tokens_per_s, **extra},
+        return [*({**r, **extra} for r in scored),
+                {"metric": "tokens_per_s", "value": res["tokens_per_s"], **extra},
                 {"metric": "size_gb", "value": info.size_gb, "file_bytes": info.file_bytes, **extra},
                 {"metric": "bits_per_weight", "value": info.bits_per_weight, **extra},
                 {"metric": "matrix_bits_per_weight", "value": info.matrix_bits_per_weight, **extra},

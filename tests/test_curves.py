@@ -1,0 +1,162 @@
+"""Curves, per-point tables and conclusion sentences from hand-made tidy rows (mpt_utils.curves)."""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from mpt_utils.curves import (  # noqa: E402
+    decisive_point,
+    measured_curves,
+    metric_table,
+    metric_values,
+    order_agreement,
+    paired_note,
+    plot_metric_curves,
+    widest_interval,
+)
+from mpt_utils.errors import MPTError  # noqa: E402
+from mpt_utils.ptp import PTPFit, fit_ptp  # noqa: E402
+
+
+def point(method, ratio, ppl, ppl_se, kl=None, kl_se=None, top=None, data="wiki", size=None, tag=""):
+    key = f"{method}-{ratio}-{data}{tag}"
+    base = {"method": method, "ratio": ratio, "sparsity": ratio + 0.001, "data": data, "config_hash": key}
+    out = [{**base, "metric": "ppl", "value": ppl, "stderr": ppl_se}]
+    if kl is not None:
+        out.append({**base, "metric": "kl_mean", "value": kl, "stderr": kl_se})
+        out.append({**base, "metric": "same_top", "value": top, "stderr": 0.01})
+    if size is not None:
+        out.append({**base, "metric": "param_reduction", "value": size, "stderr": math.nan, "data": None})
+    return out
+
+
+@pytest.fixture
+def rows():
+    out = []
+    for i, r in enumerate([0.1, 0.3, 0.5]):
+        out += point("b", r, 10 + 5 * i, 0.5 + i, kl=0.1 * (i + 1), kl_se=0.01, top=0.9 - 0.1 * i, size=r + 0.02)
+        out += point("a", r, 9 + 2 * i, 0.4, kl=0.05 * (i + 1), kl_se=0.02, top=0.95 - 0.1 * i, size=r + 0.01)
+    out += point("a", 0.3, 12.0, 0.3, kl=0.1, kl_se=0.01, top=0.8, data="news")  # another corpus
+    out += point("c", 0.1, 11.0, 0.2)  # stored by older code: no paired rows
+    out += point("c", 0.5, math.inf, math.nan)  # ... and collapsed
+    out += point("d", 0.3, 12.0, 0.1, kl=0.15, kl_se=0.01, top=0.7)  # a single point: no curve
+    return pd.DataFrame(out)
+
+
+def test_measured_curves_carry_the_standard_errors(rows):
+    curves = measured_curves(rows, "method", "ratio", where={"data": "wiki"})
+    assert [c[0] for c in curves] == ["b", "a", "c"]  # appearance order; d has one point
+    label, x, y, se = curves[1]
+    assert np.allclose(x, [0.1, 0.3, 0.5]) and np.allclose(y, [9, 11, 13]) and np.allclose(se, 0.4)
+    c = curves[2]
+    assert math.isinf(c[2][1]) and math.isnan(c[3][1])  # the collapse stays in (censored by the fit)
+    fit = fit_ptp(x, y, y_se=se)
+    assert fit.weighted
+
+
+def test_order_rename_anchor_and_metric_axis(rows):
+    curves = measured_curves(rows, "method", "param_reduction", where={"data": "wiki"}, order=["a", "b", "x"],
+                             rename={"a": "A"}, anchor=(0.0, 8.0, 0.1))
+    assert [c[0] for c in curves] == ["A", "b"]
+    label, x, y, se = curves[0]
+    assert np.allclose(x, [0.0, 0.11, 0.31, 0.51]) and y[0] == 8.0 and se[0] == 0.1
+    partly = rows.assign(param_reduction=np.where(rows.method == "a", 0.9, np.nan))  # a column, empty for b
+    x_b = measured_curves(partly, "method", "param_reduction", order=["b"], where={"data": "wiki"})[0][1]
+    assert np.allclose(x_b, [0.12, 0.32, 0.52])  # completed from the metric rows
+    kl = measured_curves(rows, "method", "sparsity", metric="kl_mean", where={"data": "wiki"},
+                         rename=lambda m: m.upper())
+    assert [c[0] for c in kl] == ["B", "A"] and np.allclose(kl[0][2], [0.1, 0.2, 0.3])
+    assert measured_curves(rows, "method", "ratio", metric="nll_diff") == []  # an absent metric: no curves
+    assert measured_curves(rows, "method", "ratio", where={"method": lambda s: s != "b"}, min_points=3)[0][0] == "a"
+    with pytest.raises(MPTError):
+        measured_curves(rows, "method", "no_such_thing")
+
+
+def test_replicates_and_duplicates(rows):
+    twice = pd.concat([rows, rows], ignore_index=True)  # the same stored points loaded twice
+    assert len(measured_curves(twice, "method", "ratio", where={"data": "wiki"})[0][1]) == 3
+    extra = pd.DataFrame(point("b", 0.3, 16.0, 1.0, tag="-replicate"))
+    x = measured_curves(pd.concat([rows, extra]), "method", "ratio", where={"data": "wiki"})[0][1]
+    assert np.allclose(x, [0.1, 0.3, 0.3, 0.5])  # a replicate point at one ratio stays
+    shared = rows[(rows.method == "a") & (rows.data == "wiki")].assign(method="e")  # one point, two curves
+    both = measured_curves(pd.concat([rows, shared]), "method", "ratio", where={"data": "wiki"}, order=["a", "e"])
+    assert [len(c[1]) for c in both] == [3, 3]
+    table = metric_values(pd.concat([rows, shared]), ["method", "ratio"], order=["a", "e"])
+    assert table.loc[("e", 0.1), "kl_mean"] == pytest.approx(0.05)
+
+
+def test_metric_values_and_table(rows):
+    values = metric_values(rows, ["method", "ratio"], where={"data": "wiki"}, order=["a", "b", "c"])
+    assert list(values.index.get_level_values(0))[:3] == ["a", "a", "a"]
+    assert values.loc[("a", 0.3), "kl_mean"] == pytest.approx(0.1)
+    assert values.loc[("a", 0.3), "ppl_se"] == pytest.approx(0.4)
+    assert math.isnan(values.loc[("c", 0.1), "kl_mean"])
+    table = metric_table(rows, ["method", "ratio"], where={"data": "wiki"}, order=["a", "b", "c", "d"])
+    assert list(table.columns) == ["PPL ± SE", "KL ± SE", "same-top-1 %"]
+    assert table.loc[("a", 0.1), "PPL ± SE"] == "9.00 ± 0.40"
+    assert table.loc[("a", 0.1), "KL ± SE"] == "0.05 ± 0.02"
+    assert table.loc[("a", 0.1), "same-top-1 %"] == "95.0 ± 1.0"
+    assert table.loc[("c", 0.1), "KL ± SE"] == "–"
+    assert table.loc[("c", 0.5), "PPL ± SE"].startswith("inf")
+    assert list(table.index)[-1] == ("d", 0.3)
+    wide = metric_table(rows, "method", columns="ratio", where={"data": "wiki"})
+    assert list(wide.index) == ["b", "a", "c", "d"]
+    assert wide.loc["a", (0.5, "KL ± SE")] == "0.15 ± 0.02"
+    assert wide.loc["d", (0.1, "PPL ± SE")] == "–"
+    no_kl = rows[~rows.metric.isin(["kl_mean", "same_top"])]
+    assert (metric_table(no_kl, "method")["KL ± SE"] == "–").all()
+
+
+def test_paired_note(rows):
+    note = paired_note(rows)
+    assert note is not None and note.startswith("note: 2 of 10 points")
+    assert paired_note(rows, where={"method": ["a", "b"]}) is None
+
+
+def make_fit(s0, lo, hi, axis="sparsity"):
+    return PTPFit(params={}, s0=s0, s0_ci=(lo, hi), has_ptp=True, verdict="PTP", rss=0.0, r2=1.0, aic={}, bic={},
+                  n_points=8, n_censored=0, axis=axis, weighted=True)
+
+
+def test_decisive_point_and_widest_interval():
+    fits = {"a": make_fit(0.42, 0.3, 0.5), "b": make_fit(0.48, 0.4, 0.7), "c": make_fit(0.6, 0.5, 0.65)}
+    assert decisive_point(fits, [0.1, 0.3, 0.5, 0.7]) == 0.5
+    assert decisive_point({"a": make_fit(0.8, 0.7, 0.9)}, [0.1, 0.5]) is None
+    bits = {"q": make_fit(0.8, 0.75, 0.85, axis="bits")}  # 3.2 bits
+    assert decisive_point(bits, [2, 3, 4, 8], axis="bits") == 3.0
+    text = widest_interval(fits)
+    assert "b's" in text and "0.400–0.700" in text and "3 of 3 fits" in text
+    assert widest_interval({}) .startswith("No measured curve has a PTP")
+    assert "bits" in widest_interval(bits)
+
+
+def test_order_agreement(rows):
+    text = order_agreement(rows, "method", "ratio", where={"data": "wiki"})  # where most curves have both
+    assert text.startswith("At ratio 0.3") and "agrees" in text and "a, d, b" in text
+    text = order_agreement(rows, "method", "ratio", where={"data": "wiki", "method": ["a", "b", "c"]})
+    assert text.startswith("At ratio 0.5") and "agrees" in text and "(best first: a, b)" in text
+    flipped = rows.copy()
+    flipped.loc[(flipped.method == "a") & (flipped.metric == "kl_mean"), "value"] = 1.0
+    text = order_agreement(flipped, "method", "ratio", at=0.3, where={"data": "wiki"}, rename={"a": "A"},
+                           at_text="{:g} bits")
+    assert text.startswith("At 0.3 bits") and "differs" in text and "Kendall" in text and "best first: d, b, A" in text
+    no_kl = rows[rows.metric != "kl_mean"]
+    assert "not compared" in order_agreement(no_kl, "method", "ratio")
+    assert "not compared" in order_agreement(rows, "method", "ratio", at=0.9)
+
+
+def test_plot_metric_curves(rows):
+    curves = measured_curves(rows, "method", "ratio", metric="kl_mean", where={"data": "wiki"},
+                             anchor=(0.0, 0.0, 0.0))
+    fig, ax = plt.subplots()
+    plot_metric_curves(ax, curves, ylabel="KL", title="t", invert_x=True)
+    assert ax.get_yscale() == "log" and ax.xaxis_inverted()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["b", "a", "d"]
+    plt.close(fig)
