@@ -1,0 +1,555 @@
+"""Compression recipes: ordered steps of the method families, applied to one model.
+
+A recipe runs its steps in the fixed order decomposition (low rank) → pruning (unstructured / N:M, or
+structured) → quantization (torch, or a GGUF file), at most one step per stage. Grammar (str() writes
+the canonical form, which parses back to an equal recipe):
+
+    recipe   := "dense" | step (SEP step)*        SEP := ">" | "->" | "→"   (written " > ")
+    step     := method "@" ratio [opts]             low rank, pruning, structured pruning: ratio in [0, 1)
+              | method "@" N ":" M [opts]           semi-structured pruning: N of every M pruned, 0 < N < M
+              | method ":" B "bit" ["/g" G] [opts]  torch quantizers: B in 2..8, G the group size
+                                                    (left out: the method's default; 0: per output row)
+              | "gguf:" SCHEME                      a llama.cpp file type (e.g. Q4_K_M), always last
+    opts     := "[" key "=" value ("," key "=" value)* "]"   keys sorted; values are JSON scalars
+                                                    (1, 0.01, true, null, "text") or bare words (sparsegpt)
+
+e.g. `asvd@0.05 > admm@0.35 > gguf:Q3_K_M`, `svd@0.1 > wanda@0.5 > rtn:4bit`, `wanda@2:4`,
+`gptq:3bit/g128`, `sparsegpt@0.6[blocksize=64,percdamp=0.01]`, `rtn:4bit[sym=true]`. The family of a
+step comes from its method name (names are unique across the registries). Options are the method's own
+keyword options, checked against its registry; torch quantizers also take `sym`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mpt_utils.errors import MPTError
+from mpt_utils.registry import METHOD_VERSIONS, check_options
+
+FAMILIES = ("lowrank", "prune", "structured", "quant", "gguf")
+STAGES = ("decomposition", "pruning", "quantization")
+STAGE_OF = {"lowrank": 0, "prune": 1, "structured": 1, "quant": 2, "gguf": 2}
+RATIO_FAMILIES = ("lowrank", "prune", "structured")  # written method@setting; the others method:setting
+GGUF = "gguf"  # the one GGUF method name ("gguf-roundtrip" is a ladder check, not a compression step)
+BITS_RANGE = (2, 8)  # what every torch quantizer accepts (quant.rtn.check_bits)
+DATA_FREE_LOWRANK = ("svd",)  # the low-rank registry has no calibration trait
+SEPARATORS = ("->", "→", ">")
+# Later methods that fail today on what an earlier family or method leaves (measured on tiny Llama; a
+# test checks each pair still fails): refused before any work instead of crashing half-way.
+INCOMPATIBLE: dict[str, tuple[frozenset[str], str]] = {
+    "lowrank": (frozenset({"flap", "llm_pruner", "random", "slicegpt", "awq", "smoothquant"}),
+                "it needs the dense q/k/v/o and gate/up/down linears, which low rank replaced by factor pairs"),
+    "slicegpt": (frozenset({"awq", "smoothquant"}),
+                 "it folds its scales into the RMSNorm weights, which SliceGPT folded away"),
+}
+SETTING_HELP = {
+    "lowrank": "a parameter reduction of the decomposed linears in [0, 1), e.g. svd@0.2",
+    "prune": "a sparsity in [0, 1) or an N:M pattern with 0 < N < M, e.g. wanda@0.5 or wanda@2:4",
+    "structured": "the method's ratio in [0, 1), e.g. slicegpt@0.2",
+    "quant": f"an integer bit width in {BITS_RANGE[0]}..{BITS_RANGE[1]}, optionally a group size "
+             "(0 = per output row), e.g. rtn:4bit or gptq:3bit/g128",
+    "gguf": "a llama.cpp scheme, e.g. gguf:Q4_K_M",
+}
+_BARE = re.compile(r"[A-Za-z_][\w.\-]*")
+_STEP = re.compile(r"(?P<method>[A-Za-z][\w\-]*)\s*(?:(?P<sep>[@:])(?P<setting>[^\[\]]*))?"
+                   r"(?:\[(?P<opts>.*)\])?\s*", re.S)
+_BITS = re.compile(r"(?P<bits>\d+)\s*bits?(?:\s*/\s*g(?P<group>\d+))?", re.I)
+
+
+def method_families() -> dict[str, str]:
+    """Every method name a recipe may use -> its family. Loading the families registers them; imported
+    here, not at module level, so no family module can ever end up in an import cycle with this one."""
+    from mpt_utils.lowrank import LOWRANK
+    from mpt_utils.method_versions import load_all
+    from mpt_utils.prune import PRUNERS
+    from mpt_utils.prune.structured import STRUCTURED
+    from mpt_utils.quant import QUANTIZERS
+
+    load_all()
+    kinds = {LOWRANK.kind: "lowrank", PRUNERS.kind: "prune", STRUCTURED.kind: "structured",
+             QUANTIZERS.kind: "quant"}
+    found = {name: kinds[v.kind] for name, v in METHOD_VERSIONS.items() if v.kind in kinds}
+    return {**found, GGUF: GGUF}
+
+
+def _unknown_method(method: str, families: Mapping[str, str]) -> MPTError:
+    close = difflib.get_close_matches(method, families, n=3, cutoff=0.5)
+    guess = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    return MPTError(f"unknown method {method!r} in recipe", f"{guess}known methods: {', '.join(sorted(families))}")
+
+
+# -- settings and options ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bits:
+    """A torch quantizer's setting: `bits` per weight, groups of `group_size` input columns (None: the
+    method's default group size; 0: one group per output row)."""
+
+    bits: int
+    group_size: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.bits}bit" + ("" if self.group_size is None else f"/g{self.group_size}")
+
+
+Setting = float | tuple[int, int] | Bits | str
+Options = tuple[tuple[str, Any], ...]
+
+
+def _bad_setting(family: str, method: str, setting: Any, why: str) -> MPTError:
+    return MPTError(f"setting {setting!r} of {method} {why}", f"a {family} step takes {SETTING_HELP[family]}")
+
+
+def _coerce_setting(family: str, method: str, setting: Any) -> Setting:
+    """The validated setting of a step, from its text or a value."""
+    text = setting.strip() if isinstance(setting, str) else setting
+    if family == GGUF:
+        from mpt_utils.quant.gguf.quantize import SCHEMES  # no llama.cpp: that loads only in a child process
+
+        scheme = str(text).upper()
+        if scheme not in SCHEMES:
+            close = difflib.get_close_matches(scheme, SCHEMES, n=3)
+            guess = f"did you mean {' or '.join(close)}? " if close else ""
+            raise MPTError(f"unknown GGUF scheme {text!r}", f"{guess}schemes: {', '.join(SCHEMES)}")
+        return scheme
+    if family == "quant":
+        if isinstance(text, str):
+            m = _BITS.fullmatch(text)
+            if m is None:
+                raise _bad_setting(family, method, text, "is not a bit width")
+            group = m["group"]
+            text = Bits(int(m["bits"]), None if group is None else int(group))
+        elif isinstance(text, int) and not isinstance(text, bool):
+            text = Bits(text)
+        if not isinstance(text, Bits):
+            raise _bad_setting(family, method, setting, "is not a bit width")
+        lo, hi = BITS_RANGE
+        if isinstance(text.bits, bool) or not isinstance(text.bits, int) or not lo <= text.bits <= hi:
+            raise _bad_setting(family, method, str(text), f"has bits outside {lo}..{hi}")
+        g = text.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
+            raise _bad_setting(family, method, str(text), "has an invalid group size")
+        return text
+    if family == "prune" and (isinstance(text, tuple | list) or (isinstance(text, str) and ":" in text)):
+        return _pattern(method, text)
+    if isinstance(text, str):
+        try:
+            text = float(text)
+        except ValueError:
+            raise _bad_setting(family, method, setting, "is not a number") from None
+    if isinstance(text, bool) or not isinstance(text, int | float):
+        raise _bad_setting(family, method, setting, "is not a number")
+    value = float(text)
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise _bad_setting(family, method, value, "is outside [0, 1)")
+    return value
+
+
+def _pattern(method: str, text: str | tuple | list) -> tuple[int, int]:
+    from mpt_utils.prune import get_method
+
+    try:
+        n, m = (int(v) for v in (text.split(":") if isinstance(text, str) else text))
+    except (TypeError, ValueError):
+        raise _bad_setting("prune", method, text, "is not an N:M pattern") from None
+    if not 0 < n < m:
+        raise _bad_setting("prune", method, f"{n}:{m}", "is not an N:M pattern with 0 < N < M")
+    if not get_method(method).supports_nm:
+        raise MPTError(f"{method} does not support N:M patterns ({n}:{m})",
+                       "use an unstructured sparsity with it, or another method for N:M")
+    return n, m
+
+
+def _coerce_options(options: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Options:
+    pairs = list(options.items() if isinstance(options, Mapping) else options)
+    keys = [k for k, _ in pairs]
+    for key, value in pairs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise MPTError(f"option name {key!r} is not an identifier", "write options as [key=value,...]")
+        if keys.count(key) > 1:
+            raise MPTError(f"option {key!r} given twice", "give each option once")
+        if value is not None and not isinstance(value, bool | int | float | str):
+            raise MPTError(f"option {key}={value!r} is not a JSON scalar",
+                           "a recipe holds numbers, true/false, null and strings; call the family API for more")
+    return tuple(sorted(pairs))
+
+
+def _check_step_options(family: str, method: str, options: dict[str, Any]) -> None:
+    """One MPTError naming the closest valid option, through each family's own registry check."""
+    if family == "lowrank":
+        from mpt_utils.lowrank import LOWRANK
+
+        LOWRANK.check_options(method, options)
+    elif family == "prune":
+        from mpt_utils.prune import check_method_options
+
+        check_method_options(method, options)
+    elif family == "structured":
+        from mpt_utils.prune.structured import STRUCTURED
+
+        STRUCTURED.check_options(method, options)
+    elif family == "quant":
+        from mpt_utils.quant import QUANTIZERS
+
+        if "group_size" in options or "bits" in options:
+            raise MPTError(f"bits and group_size of {method} are its setting, not options",
+                           f"write {method}:<bits>bit/g<group size>, e.g. {method}:4bit/g128")
+
+        valid = QUANTIZERS.options(method)
+        if valid is not None:  # `sym` is an engine argument of `quantize`, but a recipe may set it
+            check_options(f"quantizer {method!r}", options, valid | {"sym"})
+    else:
+        check_options("a GGUF step", options, ())
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, str) and _BARE.fullmatch(value) and not _is_json(value):
+        return value
+    return json.dumps(value)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_value(raw: str) -> Any:
+    if _BARE.fullmatch(raw) and not _is_json(raw):
+        return raw
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = ...
+    if value is ... or isinstance(value, dict | list):
+        raise MPTError(f"cannot read option value {raw!r}", 'use a number, true/false/null, a word or a "string"')
+    return value
+
+
+def _split(text: str, separators: tuple[str, ...]) -> list[str]:
+    """Split at `separators` outside brackets and double quotes (option values may hold them)."""
+    parts, start, depth, quoted, i = [], 0, 0, False, 0
+    while i < len(text):
+        ch = text[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch in "[]":
+            depth += 1 if ch == "[" else -1
+        elif depth == 0:
+            sep = next((s for s in separators if text.startswith(s, i)), None)
+            if sep is not None:
+                parts.append(text[start:i])
+                i += len(sep)
+                start = i
+                continue
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+def _parse_options(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in _split(text, (",",)):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise MPTError(f"cannot read option {item.strip()!r}",
+                           "write options as [key=value,...], e.g. sparsegpt@0.6[blocksize=64,percdamp=0.01]")
+        if key in out:
+            raise MPTError(f"option {key!r} given twice", "give each option once")
+        out[key] = _parse_value(raw.strip())
+    return out
+
+
+# -- steps and recipes ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    """One compression step: `family` (see FAMILIES), registered `method`, its `setting` (a ratio, an N:M
+    pattern, `Bits` or a GGUF scheme; text is parsed) and method `options` (stored sorted)."""
+
+    family: str
+    method: str
+    setting: Setting
+    options: Options = ()
+
+    def __post_init__(self) -> None:
+        families = method_families()
+        if self.method not in families:
+            raise _unknown_method(self.method, families)
+        if self.family != families[self.method]:
+            raise MPTError(f"{self.method} is a {families[self.method]} method, not {self.family}",
+                           "build steps with Step.of(method, setting), which knows the family")
+        object.__setattr__(self, "setting", _coerce_setting(self.family, self.method, self.setting))
+        object.__setattr__(self, "options", _coerce_options(self.options))
+        _check_step_options(self.family, self.method, self.opts)
+
+    @classmethod
+    def of(cls, method: str, setting: Setting, **options: Any) -> Step:
+        families = method_families()
+        if method not in families:
+            raise _unknown_method(method, families)
+        return cls(families[method], method, setting, tuple(options.items()))
+
+    @classmethod
+    def parse(cls, text: str) -> Step:
+        m = _STEP.fullmatch(text.strip())
+        if m is None:
+            raise MPTError(f"cannot read recipe step {text.strip()!r}",
+                           "write method@ratio, method@N:M, method:4bit or gguf:SCHEME, options in [key=value,...]")
+        method, sep, setting = m["method"], m["sep"], (m["setting"] or "").strip()
+        families = method_families()
+        if method not in families:
+            raise _unknown_method(method, families)
+        family = families[method]
+        want = "@" if family in RATIO_FAMILIES else ":"
+        if not setting:
+            raise MPTError(f"recipe step {text.strip()!r} has no setting", f"a {family} step takes {SETTING_HELP[family]}")
+        if sep != want:
+            raise MPTError(f"recipe step {text.strip()!r} writes its setting after {sep!r}",
+                           f"a {family} step is written {method}{want}<setting>, e.g. {method}{want}{setting}")
+        options = _parse_options(m["opts"]) if m["opts"] is not None and m["opts"].strip() else {}
+        return cls(family, method, setting, tuple(options.items()))
+
+    @property
+    def opts(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    @property
+    def stage(self) -> int:
+        return STAGE_OF[self.family]
+
+    @property
+    def setting_text(self) -> str:
+        s = self.setting
+        if isinstance(s, float):
+            return repr(s)
+        if isinstance(s, tuple):
+            return f"{s[0]}:{s[1]}"
+        return str(s)
+
+    @property
+    def version(self) -> int:
+        """The method's declared algorithm version (the results store recomputes when it changes)."""
+        return METHOD_VERSIONS[self.method].version
+
+    def __str__(self) -> str:
+        sep = "@" if self.family in RATIO_FAMILIES else ":"
+        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.options)
+        return f"{self.method}{sep}{self.setting_text}" + (f"[{opts}]" if opts else "")
+
+
+def _check_recipe(steps: tuple[Step, ...]) -> None:
+    for prev, step in zip(steps, steps[1:]):
+        if prev.family == GGUF:
+            raise MPTError(f"GGUF step {prev} is not the last step ({step} follows it)",
+                           "a GGUF step writes the llama.cpp file, so it must end the recipe")
+    for i, step in enumerate(steps):
+        for earlier in steps[:i]:
+            if earlier.stage == step.stage:
+                raise MPTError(f"two {STAGES[step.stage]} steps: {earlier} and {step}",
+                               f"a recipe takes at most one step per stage ({' > '.join(STAGES)})")
+            if earlier.stage > step.stage:
+                fixed = " > ".join(map(str, sorted(steps, key=lambda s: s.stage)))
+                raise MPTError(f"wrong order: {STAGES[step.stage]} step {step} comes after "
+                               f"{STAGES[earlier.stage]} step {earlier}",
+                               f"steps run {' > '.join(STAGES)}: write {fixed!r}")
+            for cause in (earlier.family, earlier.method):
+                later, why = INCOMPATIBLE.get(cause, (frozenset(), ""))
+                if step.method in later:
+                    raise MPTError(f"{step} cannot follow {earlier}: {why}",
+                                   f"drop one of them; after {earlier} use one of the other methods")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered, validated tuple of steps; `Recipe()` (written "dense") compresses nothing."""
+
+    steps: tuple[Step, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))
+        _check_recipe(self.steps)
+
+    @classmethod
+    def parse(cls, text: str | Recipe) -> Recipe:
+        if isinstance(text, Recipe):
+            return text
+        if text.strip().lower() in ("", "dense"):
+            return cls()
+        parts = _split(text, SEPARATORS)
+        if any(not p.strip() for p in parts):
+            raise MPTError(f"recipe {text!r} has an empty step",
+                           "separate steps with ' > ', e.g. 'svd@0.1 > wanda@0.5 > rtn:4bit'")
+        return cls(tuple(Step.parse(p) for p in parts))
+
+    def __str__(self) -> str:
+        return " > ".join(map(str, self.steps)) or "dense"
+
+    def __iter__(self) -> Iterator[Step]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> Step:
+        return self.steps[i]
+
+    @property
+    def label(self) -> str:
+        """Short text for tables and legends."""
+        return " → ".join(map(str, self.steps)) or "dense"
+
+    @property
+    def gguf_scheme(self) -> str | None:
+        """The scheme of the final GGUF step, if the recipe ends in one."""
+        return str(self.steps[-1].setting) if self.steps and self.steps[-1].family == GGUF else None
+
+    @property
+    def torch_part(self) -> Recipe:
+        """The steps `apply_recipe` runs (all but a final GGUF step)."""
+        return Recipe(tuple(s for s in self.steps if s.family != GGUF))
+
+    def key(self) -> dict[str, Any]:
+        """What the results store keys a recipe's points by: the canonical text and every step with its
+        method's algorithm version, so bumping a version recomputes exactly the recipes that use it."""
+        method_families()  # the versions are registered when the families load
+        return {"recipe": str(self),
+                "steps": [{"family": s.family, "method": s.method, "setting": s.setting_text, "options": s.opts,
+                           "version": s.version} for s in self.steps],
+                # the store's own version lookup (store.point_inputs) reads this key as well
+                "registry_method": [s.method for s in self.steps]}
+
+
+# -- applying ------------------------------------------------------------------------------------------
+def needs_calibration(step: Step) -> bool:
+    if step.family == "lowrank":
+        return step.method not in DATA_FREE_LOWRANK
+    if step.family == "prune":
+        from mpt_utils.prune import get_method
+
+        return get_method(step.method).needs_stats
+    if step.family == "structured":
+        from mpt_utils.prune.structured import CALIBRATION_FREE
+
+        return step.method not in CALIBRATION_FREE
+    if step.family == "quant":
+        from mpt_utils.quant import CALIBRATED
+
+        return step.method in CALIBRATED
+    return False
+
+
+def _calib_key(calib_ids: Any) -> str:
+    if calib_ids is None:
+        return "none"
+    data = calib_ids.detach().cpu().contiguous().numpy().tobytes()
+    return f"{tuple(calib_ids.shape)}:{hashlib.sha1(data).hexdigest()[:16]}"
+
+
+def _lowrank(model, step: Step, calib_ids, device, progress, cache) -> dict[str, Any]:
+    from mpt_utils.lowrank import prepare
+
+    key = ("recipe", step.family, step.method, step.options, _calib_key(calib_ids))
+    plan = cache.get(key) if cache is not None else None
+    if plan is None:
+        plan = prepare(model, step.method, calib_ids, device=device, progress=progress, **step.opts)
+        if cache is not None:
+            cache[key] = plan
+    report = plan.apply(model, step.setting)
+    report.originals = {}  # compressed in place for good: do not keep the dense linears alive
+    summary = report.summary()
+    summary.pop("decompose_seconds")
+    return {"ratio": report.ratio, **summary}
+
+
+def _prune(model, step: Step, calib_ids, device, progress, cache) -> dict[str, Any]:
+    from mpt_utils.prune.engine import prune_model
+
+    nm = isinstance(step.setting, tuple)
+    report = prune_model(model, step.method, None if nm else step.setting, calib_ids=calib_ids,
+                         pattern=step.setting if nm else None, device=device, progress=progress, **step.opts)
+    return {k: v for k, v in report.as_dict().items() if k not in ("method", "seconds")}
+
+
+def _structured(model, step: Step, calib_ids, device, progress, cache) -> dict[str, Any]:
+    from mpt_utils.prune.structured import structured_prune
+
+    sub = None if cache is None else cache.setdefault(("recipe", step.family, step.method, step.options), {})
+    result = structured_prune(model, step.method, step.setting, calib_ids, cache=sub, device=device,
+                              progress=progress, **step.opts)
+    return {k: v for k, v in result.as_dict().items() if k not in ("method", "seconds")}
+
+
+def _quant(model, step: Step, calib_ids, device, progress, cache) -> dict[str, Any]:
+    from mpt_utils.compression_axis import mark_quantized, zero_counts
+    from mpt_utils.quant import quantize
+    from mpt_utils.quant.size import storage
+
+    setting = step.setting
+    assert isinstance(setting, Bits)
+    group = {} if setting.group_size is None else {"group_size": setting.group_size}
+    pruned = zero_counts(model)  # before quantizing: rounding to zero is not pruning
+    result = quantize(model, step.method, bits=setting.bits, calib_ids=calib_ids, device=device,
+                      progress=progress, **group, **step.opts)
+    mark_quantized(model, result.layers, pruned)
+    size = storage(model, result.layers)
+    return {**result.spec.as_dict(), "act_bits": result.act_bits, "n_quantized": len(result.layers),
+            "bits_per_weight": size.bits_per_weight, "storage_ratio": size.ratio, "extra": dict(result.extra)}
+
+
+_APPLY: dict[str, Callable[..., dict[str, Any]]] = {
+    "lowrank": _lowrank, "prune": _prune, "structured": _structured, "quant": _quant}
+
+
+def apply_recipe(model, recipe: Recipe | str, calib_ids=None, *, device=None, progress: bool = False,
+                 cache: dict | None = None) -> list[dict[str, Any]]:
+    """Apply `recipe` to `model` (an nn.Module) in place, step by step through each family's own entry
+    point; every calibrated step calibrates on `calib_ids` [n, seqlen] through the model as compressed so
+    far. Pass a fresh copy of the dense model. Returns one report per step: family, method, setting, step
+    (its text), options, seconds (the step's wall time) and what the family measured on the tensors
+    (low rank: param_reduction...; pruning: achieved sparsity...; structured: param/block reduction...;
+    quantization: bits, group_size, bits_per_weight...). The quantized specs are recorded on the model
+    (`mpt_utils.compression_axis.mark_quantized`) for the compression axis.
+
+    A GGUF step is not applied here: it is a file, written by the GGUF writer (`mpt_utils.quant.gguf`)
+    in a child process, so a recipe ending in one is refused before any work; apply
+    `recipe.torch_part` and export `recipe.gguf_scheme` from the result.
+
+    `cache`: a dict shared by calls on fresh copies of the same dense model with the same `calib_ids`;
+    only the first step sees the dense model, so only its ratio-independent work (a low-rank plan, a
+    structured method's scores) is kept there.
+    """
+    recipe = Recipe.parse(recipe)
+    if recipe.gguf_scheme is not None:
+        raise MPTError(f"recipe {recipe} ends in a GGUF step, which apply_recipe does not apply",
+                       f"GGUF steps are exported by the GGUF writer: apply_recipe(model, recipe.torch_part, ...), "
+                       f"then export the model with mpt_utils.quant.gguf and quantize it to {recipe.gguf_scheme}")
+    needy = [str(s) for s in recipe if needs_calibration(s)]
+    if needy and calib_ids is None:
+        raise MPTError(f"{', '.join(needy)} need calibration windows",
+                       "pass calib_ids=calibration_windows(tokenizer, corpus, n, seqlen)")
+    reports = []
+    for i, step in enumerate(recipe):
+        start = time.perf_counter()
+        measured = _APPLY[step.family](model, step, calib_ids, device, progress, cache if i == 0 else None)
+        reports.append({"family": step.family, "method": step.method, "setting": step.setting_text,
+                        "step": str(step), "options": step.opts, "seconds": time.perf_counter() - start,
+                        **measured})
+    return reports
+
+
+__all__ = ["Bits", "Recipe", "Step", "apply_recipe", "method_families", "needs_calibration"]
