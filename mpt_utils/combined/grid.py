@@ -1,0 +1,248 @@
+"""One combined-compression point per (recipe, evaluation protocol), through the results store.
+
+A point applies a recipe to a fresh copy of the dense model: its torch steps through `apply_recipe`
+(each calibrated step on the protocol's calibration windows, through the model as compressed so
+far), then, when the recipe ends in a GGUF step, exports the result (`export_recipe_gguf`), quantizes
+the file with llama.cpp in a child process and scores the file with llama.cpp, again in a child. The
+torch model or the file is scored by `PairedEvaluator` (perplexity ± SE and the KL to the dense model
+on the same windows), and the three sizes of `mpt_utils.combined.sizes` are stored beside the scores.
+
+The key is `Recipe.key()` (canonical text and each method's algorithm version) plus the protocol
+(`GridSetup.config()`: model spec, corpora, seqlen, windows, calibration count and seed, the size
+accounting, and for GGUF recipes the export dtype and KV-cache type), so a rerun reads the point back
+without loading the model, and bumping one method's version recomputes exactly the recipes using it.
+The dense model comes from an injected loader (tests pass a tiny model), loaded only when a point is
+missing from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpt_utils.combined.export import export_recipe_gguf
+from mpt_utils.combined.sizes import Sizes, gguf_bits, model_sizes
+from mpt_utils.errors import MPTError
+from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
+from mpt_utils.quant.sweep import Setup, Workbench
+from mpt_utils.recipe import Bits, Recipe, apply_recipe, needs_calibration
+from mpt_utils.store import ResultsStore
+
+FAMILY = "combined"
+METHOD = "recipe"  # the store's `method` column; the recipe text is in `recipe` (and its methods in the key)
+
+
+@dataclass(frozen=True)
+class GridSetup(Setup):
+    """The evaluation protocol every grid point shares (part of each point's key): `model` spec,
+    `eval_data` and `calib_data` corpora, `n_calib` calibration windows of `seqlen` tokens drawn with
+    `seed`, at most `max_windows` evaluation windows of `seqlen`, the accounting's `dense_dtype_bytes`,
+    and for GGUF recipes the `export_dtype` of the file llama.cpp quantizes and its `kv_type`.
+    `device` and llama.cpp's thread count do not change the numbers and are not part of the key.
+    A `quant.sweep.Setup` with three more fields, so `Workbench` loads and calibrates for it."""
+
+    export_dtype: str = "f16"
+    kv_type: str = "f16"
+    dense_dtype_bytes: float = 2
+
+    def __post_init__(self) -> None:
+        if self.export_dtype not in ("f16", "f32"):
+            raise MPTError(f"export_dtype={self.export_dtype!r} is not a GGUF export type", "use 'f16' or 'f32'")
+        if self.kv_type not in ("f16", "f32"):
+            raise MPTError(f"kv_type={self.kv_type!r} is not a llama.cpp KV-cache type", "use 'f16' or 'f32'")
+
+    def config(self, gguf: bool = False) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            "model": self.model, "family": FAMILY, "data": self.eval_data, "calib_data": self.calib_data,
+            "seqlen": self.seqlen, "n_calib": self.n_calib, "max_windows": self.max_windows, "seed": self.seed,
+            "divergence_k": DIVERGENCE_K, "dense_dtype_bytes": self.dense_dtype_bytes}
+        if gguf:
+            cfg.update(export=self.export_dtype, kv_type=self.kv_type)
+        return cfg
+
+
+class GridBench(Workbench):
+    """The lazily loaded dense model, its calibration windows and paired evaluator (`Workbench`), plus
+    what GGUF points share: a work folder for files, llama.cpp's threads, the dense sizes.
+
+    `loader()` returns an object with `.model` and `.tokenizer` (a `LoadedModel`); default: the
+    model spec through `mpt_utils.models.load_model`. `work_dir`: where GGUF files are written (a
+    temporary folder per point when None)."""
+
+    def __init__(self, setup: GridSetup, loader: Callable[[], Any] | None = None, *,
+                 work_dir: str | Path | None = None, n_threads: int | None = None):
+        super().__init__(setup, loader)
+        self.setup: GridSetup = setup
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.n_threads = n_threads
+        self._dense_sizes: Sizes | None = None
+        self._dense_gguf: Sizes | None = None
+
+    @property
+    def tokenizer_gguf(self) -> str | None:
+        """The GGUF the dense model was loaded from, if any: its tokenizer keys are copied into every
+        export (as the GGUF ladder does), not converted again from the transformers tokenizer."""
+        path = getattr(getattr(self.loaded, "info", None), "path", None)
+        return str(path) if path and str(path).endswith(".gguf") else None
+
+    @property
+    def llamacpp(self) -> dict[str, Any]:
+        """How llama.cpp evaluates a file (`PairedEvaluator.rows(..., llamacpp=...)`)."""
+        gpu = str(self.setup.device or "").startswith("cuda")
+        return {"n_threads": self.n_threads, "kv_type": self.setup.kv_type, "n_gpu_layers": -1 if gpu else 0}
+
+    def dense_sizes(self) -> Sizes:
+        """The dense model's sizes, torch artifact (the reference of every compression ratio)."""
+        if self._dense_sizes is None:
+            self._dense_sizes = model_sizes(self.loaded.model, dense_dtype_bytes=self.setup.dense_dtype_bytes)
+        return self._dense_sizes
+
+    def dense_gguf_sizes(self, folder: Path) -> Sizes:
+        """The dense model exported as an F16 GGUF (the reference of a GGUF point's artifact ratio:
+        same format, same metadata and tokenizer); written once into `folder`, measured, deleted."""
+        if self._dense_gguf is None:
+            path = export_recipe_gguf(self.loaded.model, self.loaded.tokenizer, folder / "dense-F16.gguf",
+                                      dtype="f16", tokenizer_gguf=self.tokenizer_gguf, name=self.setup.model)
+            try:
+                self._dense_gguf = model_sizes(self.loaded.model, gguf_path=path, gguf_scheme="F16",
+                                               dense_dtype_bytes=self.setup.dense_dtype_bytes)
+            finally:
+                path.unlink(missing_ok=True)
+        return self._dense_gguf
+
+
+def point_config(setup: GridSetup, recipe: Recipe | str) -> dict[str, Any]:
+    """The store key of `recipe` under `setup`'s protocol."""
+    recipe = Recipe.parse(recipe)
+    return {**setup.config(gguf=recipe.gguf_scheme is not None), **recipe.key(), "method": METHOD}
+
+
+def _bits(recipe: Recipe) -> float | None:
+    """The recipe's nominal weight bits (its quantization step), for the store's `bits` column."""
+    for step in recipe:
+        if step.family == "gguf":
+            return gguf_bits(str(step.setting))
+        if isinstance(step.setting, Bits):
+            return float(step.setting.bits)
+    return None
+
+
+def _step_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"metric": "step_seconds", "value": float(r["seconds"]), "step": r["step"],
+             "report": json.dumps({k: v for k, v in r.items() if k != "seconds"}, default=str, sort_keys=True)}
+            for r in reports]
+
+
+def _gguf_file(bench: GridBench, model: torch.nn.Module, recipe: Recipe, folder: Path,
+               progress: bool) -> tuple[Path, list[dict[str, Any]]]:
+    """Export the torch result, quantize it to the recipe's scheme with llama.cpp (in a child
+    process), and return the file and the rows describing it."""
+    from mpt_utils.combined.export import dense_copy
+    from mpt_utils.quant.gguf.fileinfo import read_gguf
+    from mpt_utils.quant.gguf.quantize import NEEDS_IMATRIX, quantize_gguf
+
+    scheme = recipe.gguf_scheme
+    assert scheme is not None
+    s = bench.setup
+    tag = hashlib.sha256(str(recipe).encode()).hexdigest()[:12]
+    src = export_recipe_gguf(model, bench.loaded.tokenizer, folder / f"{tag}-{s.export_dtype.upper()}.gguf",
+                             dtype=s.export_dtype, tokenizer_gguf=bench.tokenizer_gguf, name=s.model)
+    if scheme == s.export_dtype.upper():
+        path, seconds, fallbacks = src, 0.0, []
+    else:
+        path = folder / f"{tag}-{scheme}.gguf"
+        try:
+            imatrix = None
+            if scheme in NEEDS_IMATRIX:  # the compressed model's own activations, on the dense layout
+                from mpt_utils.quant.gguf.imatrix import imatrix_from_model
+
+                imatrix = imatrix_from_model(dense_copy(model), bench.calib_ids(), device=s.device,
+                                             progress=progress)
+            report = quantize_gguf(src, path, scheme, n_threads=bench.n_threads, imatrix=imatrix)
+        finally:
+            src.unlink(missing_ok=True)  # the unquantized export is only the quantizer's input
+        seconds, fallbacks = report.seconds, report.fallbacks
+    info = read_gguf(path)
+    extra = {"types": info.summary(), "type_params": json.dumps(info.type_params)}
+    return path, [{"metric": "bits_per_weight", "value": info.bits_per_weight, **extra},
+                  {"metric": "matrix_bits_per_weight", "value": info.matrix_bits_per_weight, **extra},
+                  {"metric": "quant_seconds", "value": seconds, **extra},
+                  {"metric": "n_fallback", "value": len(fallbacks), "fallbacks": json.dumps(fallbacks), **extra}]
+
+
+def grid_point(store: ResultsStore, bench: GridBench, recipe: Recipe | str, *, keep_files: bool = False,
+               progress: bool = False) -> list[dict[str, Any]]:
+    """The stored rows of `recipe` on `bench`'s protocol, computing them once (module docstring).
+
+    Rows: the perplexity row and the KL rows of `PairedEvaluator`, the three sizes with their
+    compression against the dense model (`Sizes.rows`), one `step_seconds` row per torch step (its
+    report as JSON), and for a GGUF recipe what the file holds (bits per weight, tensor types,
+    llama.cpp's fallbacks). Every row carries `recipe`, `ratio` (the nominal compression, the paper's
+    axis) and `bits` (the quantization step's nominal bits, None without one). `keep_files` keeps
+    the GGUF under `bench.work_dir` (then required; files are written there in any case when it is
+    set, else in a temporary folder, and deleted unless kept)."""
+    recipe = Recipe.parse(recipe)
+    if keep_files and bench.work_dir is None:
+        raise MPTError("keep_files=True needs a folder to keep the GGUF in", "pass GridBench(..., work_dir=...)")
+    s = bench.setup
+
+    def compute() -> list[dict[str, Any]]:
+        paired = bench.paired(store.root)
+        paired.prepare(bench.loaded.model, [s.eval_data], progress)  # the dense reference, while dense
+        model = bench.fresh_model()
+        calib = bench.calib_ids() if any(needs_calibration(step) for step in recipe) else None
+        reports = apply_recipe(model, recipe.torch_part, calib, device=s.device, progress=progress)
+        dense = bench.dense_sizes()
+        file_rows: list[dict[str, Any]] = []
+        if recipe.gguf_scheme is None:
+            scored = paired.rows(model, [s.eval_data], progress)
+            sizes = model_sizes(model, dense_dtype_bytes=s.dense_dtype_bytes)
+        else:
+            with tempfile.TemporaryDirectory(prefix="mpt-grid-") as tmp:
+                folder = bench.work_dir if bench.work_dir is not None else Path(tmp)
+                folder.mkdir(parents=True, exist_ok=True)
+                path, file_rows = _gguf_file(bench, model, recipe, folder, progress)
+                try:
+                    scored = paired.rows(str(path), [s.eval_data], progress, llamacpp=bench.llamacpp)
+                    sizes = model_sizes(model, gguf_path=path, gguf_scheme=recipe.gguf_scheme,
+                                        dense_dtype_bytes=s.dense_dtype_bytes)
+                    # the artifact ratio compares files with files: the dense model's own F16 GGUF
+                    dense_file = bench.dense_gguf_sizes(folder)
+                    dense = replace(dense, artifact_bytes=dense_file.artifact_bytes, artifact="gguf")
+                finally:
+                    if not keep_files:
+                        path.unlink(missing_ok=True)
+        del model
+        size_rows = sizes.rows(dense)
+        ratio = next(r["value"] for r in size_rows if r["metric"] == "compression_nominal")
+        tag = {"recipe": str(recipe), "ratio": ratio, "bits": _bits(recipe)}
+        return [{**r, **tag} for r in (*scored, *size_rows, *file_rows, *_step_rows(reports))]
+
+    return store.get_or_compute(point_config(s, recipe), compute)
+
+
+def grid(store: ResultsStore, bench: GridBench, recipes: list[Recipe | str], *, keep_files: bool = False,
+         progress: bool = False) -> list[dict[str, Any]]:
+    """Every recipe's point, in order (each resumable on its own)."""
+    rows: list[dict[str, Any]] = []
+    for recipe in recipes:
+        rows += grid_point(store, bench, recipe, keep_files=keep_files, progress=progress)
+    return rows
+
+
+def metric(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The one row of metric `name` among a point's rows."""
+    found = [r for r in rows if r.get("metric") == name]
+    if len(found) != 1:
+        raise MPTError(f"{len(found)} rows of metric {name!r} among {len(rows)}", "pass one point's rows")
+    return found[0]
+
+
+__all__ = ["FAMILY", "GridBench", "GridSetup", "grid", "grid_point", "metric", "point_config"]
