@@ -9,7 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# OMP_NUM_THREADS, when set, wins (a test run beside other work on a small machine)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(4, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")
