@@ -68,6 +68,20 @@ def _stderr(rows: pd.DataFrame) -> np.ndarray:
     return pd.to_numeric(rows["stderr"], errors="coerce").to_numpy(dtype=float)
 
 
+def _paired_se(rows: pd.DataFrame, part: pd.DataFrame) -> np.ndarray:
+    """PPL × the standard error of the paired NLL difference to the dense model (`nll_diff`, same
+    point and corpus), NaN where that row is missing. Every point of a curve is scored on the same
+    windows, so the difficulty of the text, common to all of them, cancels in the comparison of
+    points: this is the noise of the curve's shape, which is what places s0 (delta method on log PPL)."""
+    if not {"config_hash", "data", "stderr"} <= set(rows.columns) or not (rows["metric"] == "nll_diff").any():
+        return np.full(len(part), np.nan)
+    diff = rows[rows["metric"] == "nll_diff"].drop_duplicates(subset=["config_hash", "data"])
+    lookup = pd.to_numeric(diff.set_index(["config_hash", "data"])["stderr"], errors="coerce")
+    keys = pd.MultiIndex.from_frame(part[["config_hash", "data"]])
+    se = lookup.reindex(keys).to_numpy(dtype=float)
+    return pd.to_numeric(part["value"], errors="coerce").to_numpy(dtype=float) * se
+
+
 def _x_values(rows: pd.DataFrame, part: pd.DataFrame, x: str, on: Sequence[str]) -> np.ndarray:
     """Column `x` of `part`, or, when `x` is a metric, its value on the same point (joined on `on`);
     a column that is empty on some rows is completed from the metric when there is one."""
@@ -97,8 +111,8 @@ def _rename(label: Any, rename: Mapping | Callable | None) -> str:
 
 def measured_curves(rows: pd.DataFrame, by: str, x: str, *, metric: str = "ppl", order: Sequence | None = None,
                     min_points: int = 2, where: Where = None, rename: Mapping | Callable | None = None,
-                    anchor: tuple[float, float, float] | None = None, on: Sequence[str] = ("config_hash",)
-                    ) -> list[Curve4]:
+                    anchor: tuple[float, float, float] | None = None, on: Sequence[str] = ("config_hash",),
+                    paired: bool = True) -> list[Curve4]:
     """(label, x, y, y_se) per group of `by`, for `metric` against `x`, x ascending.
 
     rows: tidy rows (`metric`, `value`, optional `stderr`). x: a column of the metric's rows (ratio,
@@ -111,6 +125,10 @@ def measured_curves(rows: pd.DataFrame, by: str, x: str, *, metric: str = "ppl",
     censors them. Repeated x values stay as replicates (e.g. two GGUF schemes of one size). A group
     with fewer than `min_points` distinct x values, or none with a finite value, is left out, and so
     is every group when no row has `metric` (older stores: the caller gets []).
+
+    `paired` (PPL only): where a point stored its paired difference to the dense model (`nll_diff`),
+    y_se is PPL × that difference's SE (`_paired_se`), and the anchor, the dense reference itself,
+    gets SE 0; points without it keep the unpaired SE over windows.
     """
     for col in (by, "metric", "value"):
         if col not in rows.columns:
@@ -125,10 +143,14 @@ def measured_curves(rows: pd.DataFrame, by: str, x: str, *, metric: str = "ppl",
         xs = _x_values(every, part, x, on)
         ys = pd.to_numeric(part["value"], errors="coerce").to_numpy(dtype=float)
         ses = _stderr(part)
+        pair_se = _paired_se(every, part) if paired and metric == "ppl" else np.full(len(part), np.nan)
+        is_paired = np.isfinite(pair_se).any()
+        ses = np.where(np.isfinite(pair_se), pair_se, ses)
         keep = np.isfinite(xs)
         xs, ys, ses = xs[keep], ys[keep], ses[keep]
         if anchor is not None and not np.isclose(xs, anchor[0]).any():
-            xs, ys, ses = np.append(xs, anchor[0]), np.append(ys, anchor[1]), np.append(ses, anchor[2])
+            anchor_se = 0.0 if is_paired else anchor[2]
+            xs, ys, ses = np.append(xs, anchor[0]), np.append(ys, anchor[1]), np.append(ses, anchor_se)
         if np.unique(xs).size < min_points or not np.isfinite(ys).any():
             continue
         idx = np.argsort(xs, kind="stable")

@@ -160,3 +160,19 @@ def test_plot_metric_curves(rows):
     assert ax.get_yscale() == "log" and ax.xaxis_inverted()
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["b", "a", "d"]
     plt.close(fig)
+
+
+def test_paired_standard_error_replaces_the_window_spread_where_stored():
+    rows = point("wanda", 0.2, 30.0, 6.0) + point("wanda", 0.5, 60.0, 12.0) + point("sparsegpt", 0.5, 50.0, 10.0)
+    rows.append({"method": "wanda", "ratio": 0.2, "sparsity": 0.201, "data": "wiki", "config_hash": "wanda-0.2-wiki",
+                 "metric": "nll_diff", "value": 0.4, "stderr": 0.01})
+    rows.append({"method": "wanda", "ratio": 0.5, "sparsity": 0.501, "data": "wiki", "config_hash": "wanda-0.5-wiki",
+                 "metric": "nll_diff", "value": 1.1, "stderr": 0.02})
+    frame = pd.DataFrame(rows)
+    curves = {c[0]: c for c in measured_curves(frame, "method", "ratio", anchor=(0.0, 20.0, 4.0))}
+    # PPL x SE of the paired NLL difference; the dense anchor is the reference itself (SE 0)
+    assert np.allclose(curves["wanda"][3], [0.0, 30.0 * 0.01, 60.0 * 0.02])
+    # no paired rows: the spread over windows, and the anchor's own SE
+    assert np.allclose(curves["sparsegpt"][3], [4.0, 10.0])
+    unpaired = {c[0]: c for c in measured_curves(frame, "method", "ratio", paired=False)}
+    assert np.allclose(unpaired["wanda"][3], [6.0, 12.0])
