@@ -55,3 +55,13 @@ def test_without_a_reference_only_perplexity_and_a_gguf_needs_one(tiny, corpus):
     assert [r["metric"] for r in ev.rows(tiny.model, [corpus])] == ["ppl"]
     with pytest.raises(MPTError, match="no dense reference"):
         ev.rows("model.gguf", [corpus])
+
+
+def test_the_dense_reference_is_cached_under_the_store_folder_given_as_a_path(tiny, corpus, tmp_path, monkeypatch):
+    import mpt_utils.eval.paired as paired
+
+    monkeypatch.setattr(paired, "reference_key", lambda *a, **k: "fixedkey")
+    root = tmp_path / "store"
+    ev = PairedEvaluator("tiny-llama", tiny.tokenizer, 64, 2, store_root=root)
+    ev.prepare(tiny.model, [corpus])
+    assert (root / "dense_logits" / "fixedkey.pt").is_file()

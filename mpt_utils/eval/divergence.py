@@ -176,7 +176,9 @@ def reference_key(model_spec: str, data: str, seqlen: int, max_windows: int | No
 
 def reference_dir(store_or_root: Any) -> Path:
     """`<results store root>/dense_logits`, for a ResultsStore or its root folder."""
-    return Path(getattr(store_or_root, "root", store_or_root)) / DENSE_DIR
+    # a path is the root itself (a Path's own `.root` is its anchor, "/", not a store's folder)
+    root = store_or_root if isinstance(store_or_root, (str, os.PathLike)) else store_or_root.root
+    return Path(root) / DENSE_DIR
 
 
 @torch.no_grad()
