@@ -55,7 +55,7 @@ def test_grid_point_equals_the_recipe_by_hand_and_is_stored_once(tmp_path, corpu
     real_apply = grid_module.apply_recipe
     monkeypatch.setattr(grid_module, "apply_recipe", lambda *a, **k: applied.append(1) or real_apply(*a, **k))
     rows = grid_point(store, _bench(setup, loaded, calls), RECIPE)
-    assert calls == [1] and applied == [1]
+    assert calls == [1] and applied == [1, 1, 1]  # one call per step
 
     # by hand: a fresh copy, the same calibration windows, the same evaluator
     model = copy.deepcopy(loaded.model)
@@ -76,8 +76,29 @@ def test_grid_point_equals_the_recipe_by_hand_and_is_stored_once(tmp_path, corpu
 
     # a second call, on a fresh bench: read from the store, nothing loaded or applied
     again = grid_point(store, _bench(setup, loaded, calls), RECIPE)
-    assert calls == [1] and applied == [1]
+    assert calls == [1] and applied == [1, 1, 1]
     assert [(r["metric"], r["value"]) for r in again] == [(r["metric"], r["value"]) for r in rows]
+
+
+def test_a_kept_prefix_gives_the_points_of_recipes_applied_from_scratch(tmp_path, corpus, loaded, monkeypatch):
+    recipes = ["svd@0.2 > wanda@0.5", "svd@0.2 > wanda@0.5 > rtn:4bit", "svd@0.2 > wanda@0.5 > rtn:3bit",
+               "svd@0.2 > wanda@0.6 > rtn:4bit"]
+    applied: list[str] = []
+    real_apply = grid_module.apply_recipe
+    monkeypatch.setattr(grid_module, "apply_recipe",
+                        lambda model, recipe, *a, **k: applied.append(str(recipe)) or real_apply(model, recipe, *a, **k))
+    setup = _setup(corpus)
+    reused = grid_module.grid(ResultsStore(tmp_path / "a"), _bench(setup, loaded, [], keep_prefixes=2), recipes)
+    # the 0.5 pruning ran once: the next two recipes started from it; two kept prefixes are the
+    # last two used, so the last recipe starts again from the dense model
+    assert applied == ["svd@0.2", "wanda@0.5", "rtn:4bit", "rtn:3bit", "svd@0.2", "wanda@0.6", "rtn:4bit"]
+    scratch = grid_module.grid(ResultsStore(tmp_path / "b"), _bench(setup, loaded, [], keep_prefixes=0), recipes)
+    assert len(applied) == 7 + 2 + 3 + 3 + 3
+    pick = [(r["recipe"], r["metric"], r.get("value")) for r in reused if r["metric"] in ("ppl", "kl_mean", "nominal_bytes")]
+    want = [(r["recipe"], r["metric"], r.get("value")) for r in scratch if r["metric"] in ("ppl", "kl_mean", "nominal_bytes")]
+    assert len(pick) == 12
+    for (ra, ma, va), (rb, mb, vb) in zip(pick, want):
+        assert (ra, ma) == (rb, mb) and va == pytest.approx(vb, rel=1e-6)
 
 
 def test_the_key_is_the_recipe_and_the_protocol(tmp_path, corpus):

@@ -17,9 +17,11 @@ missing from the store.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -74,16 +76,57 @@ class GridBench(Workbench):
 
     `loader()` returns an object with `.model` and `.tokenizer` (a `LoadedModel`); default: the
     model spec through `mpt_utils.models.load_model`. `work_dir`: where GGUF files are written (a
-    temporary folder per point when None)."""
+    temporary folder per point when None).
+
+    Reuse inside a grid, which changes no number: the first step's ratio-independent work (an ASVD
+    sensitivity table, a structured method's scores) is kept in `step_cache`, and the torch models of
+    the last `keep_prefixes` recipe prefixes are kept in memory, so `wanda@0.5 > gguf:Q4_K_M` after
+    `wanda@0.5 > gguf:Q8_0`, or `sparsegpt@0.5 > gptq:3bit` after `sparsegpt@0.5 > gptq:4bit`, starts
+    from the pruned model instead of pruning again (every step is deterministic given its input model
+    and the calibration windows, so the result is the same as applying the recipe from scratch; a
+    test checks it). Each kept prefix is one more copy of the model in memory: pass 0 for models
+    that fill the machine."""
 
     def __init__(self, setup: GridSetup, loader: Callable[[], Any] | None = None, *,
-                 work_dir: str | Path | None = None, n_threads: int | None = None):
+                 work_dir: str | Path | None = None, n_threads: int | None = None, keep_prefixes: int = 2):
         super().__init__(setup, loader)
         self.setup: GridSetup = setup
         self.work_dir = Path(work_dir) if work_dir is not None else None
         self.n_threads = n_threads
+        self.keep_prefixes = int(keep_prefixes)
+        self.step_cache: dict[str, Any] = {}
+        self._prefixes: OrderedDict[str, tuple[torch.nn.Module, list[dict[str, Any]]]] = OrderedDict()
         self._dense_sizes: Sizes | None = None
         self._dense_gguf: Sizes | None = None
+
+    def compressed_model(self, torch_part: Recipe, progress: bool = False
+                         ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+        """A fresh model with `torch_part` applied and one report per step, starting from the longest
+        kept prefix (class docstring); the reports of reused steps are those measured when they ran.
+        Every prefix applied here is kept (least recently used dropped first)."""
+        steps = list(torch_part)
+        start, model, reports = 0, None, []
+        for n in range(len(steps), 0, -1):
+            kept = self._prefixes.get(str(Recipe(tuple(steps[:n]))))
+            if kept is not None:
+                self._prefixes.move_to_end(str(Recipe(tuple(steps[:n]))))
+                start, model, reports = n, copy.deepcopy(kept[0]), [dict(r) for r in kept[1]]
+                break
+        if model is None:
+            model = self.fresh_model()
+        calib = self.calib_ids() if any(needs_calibration(step) for step in steps[start:]) else None
+        for i in range(start, len(steps)):
+            reports += apply_recipe(model, Recipe((steps[i],)), calib, device=self.setup.device, progress=progress,
+                                    cache=self.step_cache if i == 0 else None)
+            if self.keep_prefixes > 0:
+                self._keep(str(Recipe(tuple(steps[:i + 1]))), model, reports)
+        return model, reports
+
+    def _keep(self, text: str, model: torch.nn.Module, reports: list[dict[str, Any]]) -> None:
+        self._prefixes[text] = (copy.deepcopy(model), [dict(r) for r in reports])
+        self._prefixes.move_to_end(text)
+        while len(self._prefixes) > self.keep_prefixes:
+            self._prefixes.popitem(last=False)
 
     @property
     def tokenizer_gguf(self) -> str | None:
@@ -196,9 +239,7 @@ def grid_point(store: ResultsStore, bench: GridBench, recipe: Recipe | str, *, k
     def compute() -> list[dict[str, Any]]:
         paired = bench.paired(store.root)
         paired.prepare(bench.loaded.model, [s.eval_data], progress)  # the dense reference, while dense
-        model = bench.fresh_model()
-        calib = bench.calib_ids() if any(needs_calibration(step) for step in recipe) else None
-        reports = apply_recipe(model, recipe.torch_part, calib, device=s.device, progress=progress)
+        model, reports = bench.compressed_model(recipe.torch_part, progress)
         dense = bench.dense_sizes()
         file_rows: list[dict[str, Any]] = []
         if recipe.gguf_scheme is None:
