@@ -287,3 +287,18 @@ def test_asvd_search_stops_at_the_reference_floor_of_40_percent_kept(tiny):
     floored = prepare(model, "asvd", ids, progress=False, granularity="block",
                       sensitivity_table=deep.info["sensitivity"])
     assert all(max(row) <= 0.6 for row in floored.info["sensitivity"].values())
+
+
+def test_apply_shapes_gives_the_ranks_of_apply_without_the_update(tiny):
+    import copy
+
+    model, ids = tiny.model, _calib(4, 32)
+    plan = prepare(model, "svd_llm", ids, progress=False, update="lora", update_steps=1)
+    timed, updated = copy.deepcopy(model), copy.deepcopy(model)
+    shaped = plan.apply_shapes(timed, 0.3)
+    assert plan.info["update_log"] == {}  # no training for a model that is only timed
+    full = plan.apply(updated, 0.3)
+    assert 0.3 in plan.info["update_log"]
+    assert [(la.name, la.rank) for la in shaped.layers] == [(la.name, la.rank) for la in full.layers]
+    assert shaped.n_factorized == full.n_factorized > 0
+    assert sum(p.numel() for p in timed.parameters()) == sum(p.numel() for p in updated.parameters())

@@ -279,6 +279,12 @@ class LowRankPlan:
         """Decompose `model` in place at `ratio`; `report.restore(model)` undoes it."""
         return apply_ranks(model, self.factorizations, self.ranks(ratio), self.method, ratio)
 
+    def apply_shapes(self, model: nn.Module, ratio: float) -> LowRankReport:
+        """The model factorized at `ratio` with the plan's ranks and truncated factors but without any
+        ratio-specific refinement a method adds in `apply` (SVD-LLM's update): the same layer shapes,
+        hence the same speed and size, for a fraction of the cost. For timing only."""
+        return LowRankPlan.apply(self, model, ratio)
+
     @contextmanager
     def swapped(self, model: nn.Module, ratio: float) -> Iterator[LowRankReport]:
         """The model decomposed at `ratio` inside the block, dense again after it."""

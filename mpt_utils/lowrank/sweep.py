@@ -196,7 +196,9 @@ class LowRankSweep:
     def speed(self, points: Sequence[tuple[SweepSpec, float]], *, seqlen: int = 256, batch_size: int = 1,
               rounds: int = 5, mode: str = "prefill") -> pd.DataFrame:
         """Tokens/s of the dense model and each (method, ratio) model, side by side in one run
-        (`eval.speed.measure_speed`, interleaved rounds), stored as one point."""
+        (`eval.speed.measure_speed`, interleaved rounds), stored as one point. The timed models have
+        the method's ranks (`LowRankPlan.apply_shapes`): speed depends on the layer shapes, not on the
+        values a ratio-specific update gives the factors, so that update is not recomputed here."""
         labels = [f"{s.name}@{r:g}" for s, r in points]
         cfg = {**self.base_config(), "method": "speed", "ratio": None, "points": labels,
                "speed_seqlen": seqlen, "batch_size": batch_size, "rounds": rounds, "mode": mode,
@@ -211,7 +213,7 @@ class LowRankSweep:
             reductions = {"dense": 0.0}
             for (spec, ratio), label in zip(points, labels):
                 twin = copy.deepcopy(dense)
-                report = self.plan(spec).apply(twin, ratio)
+                report = self.plan(spec).apply_shapes(twin, ratio)
                 report.originals = {}  # the twin keeps only its factorized layers
                 models[label] = twin
                 reductions[label] = report.param_reduction
