@@ -761,7 +761,8 @@ def compress_to_target(model_spec: str, *, eval_data: str, calib_data: str, epsi
 
 
 # -- command line ---------------------------------------------------------------------------------------
-def _methods(items: Sequence[str]) -> dict[str, str]:
+def parse_methods(items: Sequence[str]) -> dict[str, str]:
+    """--method DIMENSION=METHOD items as {dimension: method}."""
     out = {}
     for item in items:
         dim, eq, method = item.partition("=")
@@ -810,7 +811,7 @@ def run(args: argparse.Namespace) -> int:
                                epsilon=args.epsilon, budget_bytes=args.budget_bytes, out_dir=args.out,
                                results=args.results, seqlen=args.seqlen, n_calib=args.n_calib,
                                max_windows=args.max_windows, seed=args.seed, device=args.device,
-                               methods=_methods(args.method), dimensions=args.dimensions, n_threads=args.threads,
+                               methods=parse_methods(args.method), dimensions=args.dimensions, n_threads=args.threads,
                                speed=not args.no_speed)
     card = built.card
     print(f"plan: {built.plan.describe()}")
