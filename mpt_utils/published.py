@@ -1,6 +1,9 @@
-"""The seeds' published numbers (data/published/*.csv) as DataFrames and as curves to fit.
+"""The published numbers of the Model Phase Transitions work (data/published/*.csv) as DataFrames
+and as curves to fit.
 
-Every CSV starts with `#` lines naming its source table; values are transcribed as printed.
+Every CSV is plain (`pandas.read_csv(path)` reads it: a header row, then data); where its numbers come
+from and how they were transcribed is one row of the sidecar `sources.csv` in the same folder (paper,
+authors, venue, DOI, repository, table or figure, transcription notes). Values are copied as printed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import pandas as pd
 from mpt_utils.errors import MPTError
 
 PUBLISHED_DIR = Path(__file__).resolve().parent.parent / "data" / "published"
+SOURCES = "sources.csv"  # the provenance sidecar: one row per published CSV, not a table itself
 Curve = tuple[str, np.ndarray, np.ndarray]
 
 
@@ -25,7 +29,7 @@ def published_dir() -> Path:
 
 
 def available_tables() -> list[str]:
-    return sorted(p.stem for p in published_dir().glob("*.csv"))
+    return sorted(p.stem for p in published_dir().glob("*.csv") if p.name != SOURCES)
 
 
 def _resolve(table: str) -> Path:
@@ -39,19 +43,32 @@ def _resolve(table: str) -> Path:
 
 
 def load_published(table: str) -> pd.DataFrame:
-    """One published table as a tidy DataFrame (the header comments are skipped)."""
-    return pd.read_csv(_resolve(table), comment="#")
+    """One published table as a tidy DataFrame."""
+    return pd.read_csv(_resolve(table))
+
+
+def published_sources() -> pd.DataFrame:
+    """The provenance sidecar: per CSV (`file`), the paper (`title`, `authors`, `venue`, `doi`, `arxiv`),
+    the upstream `repository`, the `location` (table or figure) and transcription `notes`."""
+    path = published_dir() / SOURCES
+    if not path.exists():
+        raise MPTError(f"the provenance file {path} is missing",
+                       "restore data/published/sources.csv, or point MPT_PUBLISHED at a complete folder")
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
 
 
 def source_notes(table: str) -> list[str]:
-    """The CSV's header comment lines: where the numbers come from and how they were transcribed."""
-    lines = _resolve(table).read_text(encoding="utf-8").splitlines()
-    notes = []
-    for line in lines:
-        if not line.startswith("#"):
-            break
-        notes.append(line.lstrip("# ").rstrip())
-    return notes
+    """Where a table's numbers come from (first line, 'Source: ...') and how they were transcribed."""
+    path = _resolve(table)
+    rows = published_sources()
+    rows = rows[rows["file"] == path.name]
+    if len(rows) != 1:
+        raise MPTError(f"{path.name} has {len(rows)} rows in {SOURCES} (expected 1)",
+                       f"add one row for {path.name} to {published_dir() / SOURCES}")
+    row = rows.iloc[0].to_dict()
+    ids = "".join(f"; {tag}{row[key]}" for key, tag in (("doi", "doi:"), ("arxiv", "arXiv:")) if row[key])
+    cite = f'"{row["title"]}", {row["authors"]}, {row["venue"]}{ids}'
+    return [f"Source: {cite}; repository {row['repository']}; {row['location']}.", row["notes"]]
 
 
 def _select(df: pd.DataFrame, where: Mapping[str, Any] | None) -> pd.DataFrame:

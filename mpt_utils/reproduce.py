@@ -237,8 +237,8 @@ def run_profile(profile: Profile, declared: dict[str, dict[str, ParamSpec]], not
 
 
 @cli_main
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="embedded", help="built-in profile name or path to a JSON profile")
     parser.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to run")
     parser.add_argument("--reports", default=str(REPO / "reports"))

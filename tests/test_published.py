@@ -1,8 +1,10 @@
-"""The published tables load, cite their source, and hold the numbers printed in the seeds."""
+"""The published tables load with a plain read_csv, cite their source, and hold the printed numbers."""
 
 import math
+import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mpt_utils.errors import MPTError
@@ -12,6 +14,7 @@ from mpt_utils.published import (
     published_curves,
     published_dir,
     published_families,
+    published_sources,
     source_notes,
 )
 
@@ -40,17 +43,50 @@ def value(table, **match):
 
 
 @pytest.mark.parametrize("table", sorted(TABLES))
-def test_every_table_loads_with_its_columns_and_a_source(table):
-    df = load_published(table)
-    assert len(df) > 0 and set(TABLES[table]) <= set(df.columns)
+def test_every_table_loads_with_plain_read_csv_and_its_columns(table):
+    path = published_dir() / f"{table}.csv"
+    plain = pd.read_csv(path)  # no comment=, skiprows=, ...: the first line is the header
+    assert len(plain) > 0 and set(TABLES[table]) <= set(plain.columns)
+    assert not any(str(c).startswith(("#", "Unnamed")) for c in plain.columns)
+    assert "#" not in path.read_text(encoding="utf-8")  # nothing a comment= reader would cut
+    pd.testing.assert_frame_equal(load_published(table), plain)
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_every_table_has_one_provenance_entry(table):
+    sources = published_sources()
+    row = sources[sources["file"] == f"{table}.csv"]
+    assert len(row) == 1
+    row = row.iloc[0]
+    for col in ("title", "authors", "venue", "repository", "location", "notes"):
+        assert row[col].strip(), col
+    assert row["repository"] == "github.com/whucs21Mzy/Model-Phase-Transitions"
+    assert re.search(r"\bTable \d+|\bFig\. \d+|Typical PTPs", row["location"])
+    assert row["doi"] or row["arxiv"]
     notes = source_notes(table)
-    assert notes and notes[0].startswith("Source:")
-    assert any(seed in " ".join(notes) for seed in ("001_56fc7433e6efc768.txt", "000_a9d61e4e71550b4e.txt"))
+    assert notes[0].startswith("Source:") and row["title"] in notes[0] and row["location"] in notes[0]
 
 
-def test_the_folder_holds_exactly_the_listed_tables():
+def test_provenance_names_no_file_outside_the_project():
+    text = (published_dir() / "sources.csv").read_text(encoding="utf-8")
+    assert not re.search(r"\b\w+\.(txt|md|pdf|json)\b", text.replace("README.md", ""))
+    assert "seed" not in text.lower()
+
+
+def test_the_folder_holds_exactly_the_listed_tables_and_their_sources():
     assert set(available_tables()) == set(TABLES)
     assert (published_dir() / "table2_unstructured.csv").exists()
+    assert set(published_sources()["file"]) == {f"{t}.csv" for t in TABLES}
+
+
+def test_a_table_without_provenance_is_named(tmp_path, monkeypatch):
+    (tmp_path / "table1_structured.csv").write_text("model,ratio\nx,0.1\n", encoding="utf-8")
+    monkeypatch.setenv("MPT_PUBLISHED", str(tmp_path))
+    with pytest.raises(MPTError, match="sources.csv"):
+        source_notes("table1")
+    (tmp_path / "sources.csv").write_text("file,title\nother.csv,t\n", encoding="utf-8")
+    with pytest.raises(MPTError, match="table1_structured.csv has 0 rows"):
+        source_notes("table1")
 
 
 @pytest.mark.parametrize("table, match, expected", [
@@ -72,7 +108,7 @@ def test_the_folder_holds_exactly_the_listed_tables():
     ("table9", dict(quant="3-bit", ratio=0.8), 109.4458),
     ("table10", dict(scheme="Q2_K", ratio=0.7), 86.6058),
 ])
-def test_spot_values_match_the_seed(table, match, expected):
+def test_spot_values_match_the_printed_tables(table, match, expected):
     assert value(table, **match)["value"] == pytest.approx(expected, abs=1e-9)
 
 

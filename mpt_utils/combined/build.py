@@ -27,7 +27,8 @@ Every measurement is a results-store point, so a second call with the same argum
 nothing (the GGUF is rebuilt only when its file was removed). An ε or budget that no safe
 configuration meets is one MPTError naming the closest feasible plan and its recipe.
 
-Command line: `python -m mpt_utils.combined.build --model smollm2-135m --epsilon 2 --results DIR --out DIR`.
+Command line: `python -m mpt_utils.combined.build --model smollm2-135m --epsilon 2 --results DIR --out DIR`
+(or `mpt plan ... --build --out DIR`; `mpt plan` without --build prints the plan and builds nothing).
 """
 
 from __future__ import annotations
@@ -610,6 +611,71 @@ def _gguf_in(folder: Path, recipe: Recipe) -> Path:
     return folder / f"{tag}-{recipe.gguf_scheme}.gguf"
 
 
+@dataclass
+class Target:
+    """What `plan_target` chose, before anything is built: the plan, the recipe that executes it, the
+    planner's dimensions, the curve planned on per dimension, its method, and the dense point (on the
+    call's protocol) that anchors the predictions."""
+
+    plan: SizedPlan
+    recipe: Recipe
+    dims: list[Any]
+    curves: dict[str, Curve]
+    methods: dict[str, str]
+    dense: list[dict[str, Any]]
+
+
+def plan_target(store: ResultsStore, bench: GridBench, *, epsilon: float | None = None,
+                budget_bytes: float | None = None,
+                curves: pd.DataFrame | Sequence[Mapping[str, Any]] | None = None,
+                methods: Mapping[str, str] | None = None, dimensions: Sequence[str] | None = None,
+                conservative: bool = True, steps: int = 41,
+                options: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = False) -> Target:
+    """Steps 1-3 of the module docstring, nothing built: the model's curves (`curves` rows, None: every
+    row of `store`), the dense point of `bench`'s protocol (measured once, then read from the store),
+    the plan for `epsilon` and/or `budget_bytes` and its recipe. Arguments as `compress_to_target`."""
+    unknown = [d for d in (dimensions or ()) if d not in DIMENSIONS]
+    if unknown:
+        raise MPTError(f"unknown dimension(s) {unknown}", f"choose among {', '.join(DIMENSIONS)}")
+    s = bench.setup
+    where = "the given rows" if curves is not None else f"the results store {store.root}"
+
+    def find(rows, min_points: int = MIN_POINTS) -> tuple[dict[str, Curve], list[str]]:
+        found, reasons = curves_from_rows(rows, s.model, s.eval_data, calib_data=s.calib_data, methods=methods,
+                                          min_points=min_points)
+        wanted = list(dimensions) if dimensions is not None else [d for d in DIMENSIONS if d in found]
+        missing = [d for d in (wanted or DIMENSIONS) if d not in found]
+        if missing and (dimensions is not None or not wanted):
+            raise missing_curve_error(missing, reasons, s.model, s.eval_data, where)
+        return found, wanted
+
+    find(store.frame() if curves is None else curves, MIN_POINTS - 1)  # fail before any work (the anchor adds one)
+    # the dense point next: it anchors the predictions, and a curve of grid points finds its ratio-0 point in it
+    dense_rows = grid_point(store, bench, "dense", progress=progress)
+    dense_ppl = next(float(r["value"]) for r in dense_rows if r["metric"] == "ppl")
+    rows = store.frame() if curves is None else pd.concat([_frame(curves), _frame(dense_rows)], ignore_index=True)
+    found, wanted = find(rows)
+    chosen = {d: found[d] for d in wanted}
+    use = {d: c.method for d, c in chosen.items()}
+    step_options = {d: {**c.options, **dict((options or {}).get(d, {}))} for d, c in chosen.items()}
+
+    dims = planner_dimensions(chosen, dense_ppl, conservative)
+    sizes = dense_size(store, bench)
+    size_model = block_size_model(sizes["block_linear_bytes"], sizes["other_bytes"])
+    try:
+        plan = plan_for(dims, epsilon=epsilon, budget_bytes=budget_bytes, size_model=size_model, steps=steps)
+    except MPTError as err:
+        closest = getattr(err, "closest", None)
+        if closest is None:
+            raise
+        text = str(_with_options(plan_to_recipe(closest, use), step_options))
+        again = MPTError(f"{err.message} (as a recipe: {text})", err.fix)
+        again.closest, again.closest_recipe = closest, text  # type: ignore[attr-defined]
+        raise again from None
+    recipe = _with_options(plan_to_recipe(plan, use), step_options)
+    return Target(plan, recipe, dims, chosen, use, dense_rows)
+
+
 def compress_to_target(model_spec: str, *, eval_data: str, calib_data: str, epsilon: float | None = None,
                        budget_bytes: float | None = None,
                        curves: pd.DataFrame | Sequence[Mapping[str, Any]] | None = None,
@@ -637,54 +703,21 @@ def compress_to_target(model_spec: str, *, eval_data: str, calib_data: str, epsi
     out.mkdir(parents=True, exist_ok=True)
     store = results if isinstance(results, ResultsStore) else ResultsStore(results if results is not None
                                                                             else out / "results")
-    unknown = [d for d in (dimensions or ()) if d not in DIMENSIONS]
-    if unknown:
-        raise MPTError(f"unknown dimension(s) {unknown}", f"choose among {', '.join(DIMENSIONS)}")
     setup = GridSetup(model=model_spec, eval_data=eval_data, calib_data=calib_data, seqlen=seqlen, n_calib=n_calib,
                       max_windows=max_windows, seed=seed, device=device)
     work = out / ".work"
     bench = GridBench(setup, loader, work_dir=work, n_threads=n_threads)
-    where = "the given rows" if curves is not None else f"the results store {store.root}"
-
-    def find(rows, min_points: int = MIN_POINTS) -> tuple[dict[str, Curve], list[str]]:
-        found, reasons = curves_from_rows(rows, model_spec, eval_data, calib_data=calib_data, methods=methods,
-                                          min_points=min_points)
-        wanted = list(dimensions) if dimensions is not None else [d for d in DIMENSIONS if d in found]
-        missing = [d for d in (wanted or DIMENSIONS) if d not in found]
-        if missing and (dimensions is not None or not wanted):
-            raise missing_curve_error(missing, reasons, model_spec, eval_data, where)
-        return found, wanted
-
-    find(store.frame() if curves is None else curves, MIN_POINTS - 1)  # fail before any work (the anchor adds one)
-    # the dense point next: it anchors the predictions, and a curve of grid points finds its ratio-0 point in it
-    dense_rows = grid_point(store, bench, "dense", progress=progress)
-    dense_ppl = next(float(r["value"]) for r in dense_rows if r["metric"] == "ppl")
-    rows = store.frame() if curves is None else pd.concat([_frame(curves), _frame(dense_rows)], ignore_index=True)
-    found, wanted = find(rows)
-    chosen = {d: found[d] for d in wanted}
-    use = {d: c.method for d, c in chosen.items()}
+    target = plan_target(store, bench, epsilon=epsilon, budget_bytes=budget_bytes, curves=curves, methods=methods,
+                         dimensions=dimensions, conservative=conservative, steps=steps, options=options,
+                         progress=progress)
+    plan, recipe, dims, chosen, use, dense_rows = (target.plan, target.recipe, target.dims, target.curves,
+                                                   target.methods, target.dense)
     if use.get("quant") == "gguf":
         from mpt_utils.native import has_llama_cpp
 
         if not has_llama_cpp():
             raise MPTError("the quant curve is a GGUF ladder, and executing a GGUF plan needs llama.cpp",
                            "pip install llama-cpp-python, or plan on a torch quantizer's curve: methods={'quant': 'rtn'}")
-    step_options = {d: {**c.options, **dict((options or {}).get(d, {}))} for d, c in chosen.items()}
-
-    dims = planner_dimensions(chosen, dense_ppl, conservative)
-    sizes = dense_size(store, bench)
-    size_model = block_size_model(sizes["block_linear_bytes"], sizes["other_bytes"])
-    try:
-        plan = plan_for(dims, epsilon=epsilon, budget_bytes=budget_bytes, size_model=size_model, steps=steps)
-    except MPTError as err:
-        closest = getattr(err, "closest", None)
-        if closest is None:
-            raise
-        text = str(_with_options(plan_to_recipe(closest, use), step_options))
-        again = MPTError(f"{err.message} (as a recipe: {text})", err.fix)
-        again.closest, again.closest_recipe = closest, text  # type: ignore[attr-defined]
-        raise again from None
-    recipe = _with_options(plan_to_recipe(plan, use), step_options)
 
     gguf = recipe.gguf_scheme is not None
     point = grid_point(store, bench, recipe, keep_files=gguf, progress=progress)
@@ -728,7 +761,8 @@ def compress_to_target(model_spec: str, *, eval_data: str, calib_data: str, epsi
 
 
 # -- command line ---------------------------------------------------------------------------------------
-def _methods(items: Sequence[str]) -> dict[str, str]:
+def parse_methods(items: Sequence[str]) -> dict[str, str]:
+    """--method DIMENSION=METHOD items as {dimension: method}."""
     out = {}
     for item in items:
         dim, eq, method = item.partition("=")
@@ -738,16 +772,13 @@ def _methods(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mpt_utils.combined.build",
-                                     description="Compress a model to an ε or byte budget on its own measured curves "
-                                                 "and write the GGUF with its model card.")
+def add_arguments(parser: argparse.ArgumentParser, out_required: bool = True) -> argparse.ArgumentParser:
+    """The build's options on `parser` (shared with `mpt plan`, where --out is only needed to build)."""
     parser.add_argument("--model", required=True, help="model spec (e.g. smollm2-135m, a hub id or a path)")
     parser.add_argument("--epsilon", type=float, help="tolerated PPL above dense")
     parser.add_argument("--budget-bytes", type=float, help="byte budget (nominal accounting)")
     parser.add_argument("--results", required=True, help="results store holding the single-method curves")
-    parser.add_argument("--out", required=True, help="folder for the GGUF and its card")
+    parser.add_argument("--out", required=out_required, help="folder for the GGUF and its card")
     parser.add_argument("--eval-data", default="embedded-wiki")
     parser.add_argument("--calib-data", default=None, help="calibration corpus (default: --eval-data)")
     parser.add_argument("--seqlen", type=int, default=256)
@@ -759,17 +790,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dimensions", nargs="*", help=f"plan only these of {', '.join(DIMENSIONS)}")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads")
     parser.add_argument("--no-speed", action="store_true", help="do not time the GGUF against the dense one")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Bad input found before any work: no target, no results store."""
     if args.epsilon is None and args.budget_bytes is None:
         raise MPTError("nothing to plan for", "pass --epsilon (PPL above dense) and/or --budget-bytes")
     if not (Path(args.results) / "points").is_dir():
         raise MPTError(f"no results store at {args.results} (no points/ folder)",
                        "pass --results DIR, the store notebooks 02 / 03 / 05 wrote (e.g. results/embedded)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build what `add_arguments` parsed and print the plan, the recipe, the measurement and the files."""
+    check_arguments(args)
+    if args.out is None:
+        raise MPTError("building needs a folder for the GGUF and its card", "pass --out DIR")
     built = compress_to_target(args.model, eval_data=args.eval_data, calib_data=args.calib_data or args.eval_data,
                                epsilon=args.epsilon, budget_bytes=args.budget_bytes, out_dir=args.out,
                                results=args.results, seqlen=args.seqlen, n_calib=args.n_calib,
                                max_windows=args.max_windows, seed=args.seed, device=args.device,
-                               methods=_methods(args.method), dimensions=args.dimensions, n_threads=args.threads,
+                               methods=parse_methods(args.method), dimensions=args.dimensions, n_threads=args.threads,
                                speed=not args.no_speed)
     card = built.card
     print(f"plan: {built.plan.describe()}")
@@ -780,6 +822,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GGUF: {built.gguf_path} ({card.file_bytes:,} bytes)")
     print(f"card: {built.card_paths[0]}")
     return 0
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mpt_utils.combined.build",
+                                     description="Compress a model to an ε or byte budget on its own measured curves "
+                                                 "and write the GGUF with its model card.")
+    return run(add_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":
