@@ -15,40 +15,24 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
-import importlib
 import importlib.util
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mpt_utils.catalogue import CATALOGUE, load_all
 from mpt_utils.errors import MPTError, cli_main
-from mpt_utils.registry import METHOD_VERSIONS, MethodVersion
 
 LOCK_PATH = Path(__file__).with_name("method_versions.json")
-# importing these registers every method family (the GGUF ladder registers its point kinds)
-FAMILIES = ("mpt_utils.prune.structured", "mpt_utils.quant", "mpt_utils.lowrank", "mpt_utils.quant.gguf.ladder")
 LOCK_COMMAND = "python -m mpt_utils.method_versions --lock"
-_loaded = False
-
-
-def load_all() -> dict[str, MethodVersion]:
-    """Import every method family once; returns name -> declared version of all methods."""
-    global _loaded
-    if not _loaded:
-        from mpt_utils.prune import load_methods
-
-        load_methods()
-        for module in FAMILIES:
-            importlib.import_module(module)
-        _loaded = True
-    return dict(METHOD_VERSIONS)
+__all__ = ["config_versions", "load_all", "lock_problems", "method_version", "write_lock"]
 
 
 def method_version(name: str) -> int | None:
     """The declared version of method `name`, or None when no registered method has that name."""
     load_all()
-    found = METHOD_VERSIONS.get(name)
+    found = CATALOGUE.get(name)
     return found.version if found is not None else None
 
 
@@ -64,8 +48,10 @@ def config_versions(config: Mapping[str, Any]) -> dict[str, int]:
     """Versions of the registered methods a point's config names under `method` (labels like
     'owl:sparsegpt' count each part) and `registry_method` (when `method` is a display label)."""
     names = _names(config.get("method")) + _names(config.get("registry_method"))
-    found = {n: method_version(n) for n in names}
-    return {n: v for n, v in sorted(found.items()) if v is not None}
+    load_all()
+    # a method that writes its version into its points' configs is keyed there, not here
+    found = {n: CATALOGUE[n].version for n in names if n in CATALOGUE and not CATALOGUE[n].version_in_config}
+    return dict(sorted(found.items()))
 
 
 # -- source hashes ---------------------------------------------------------------------------------

@@ -31,8 +31,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mpt_utils.catalogue import CATALOGUE, load_all, method_info
 from mpt_utils.errors import MPTError
-from mpt_utils.registry import METHOD_VERSIONS, check_options
+from mpt_utils.registry import check_options
 
 FAMILIES = ("lowrank", "prune", "structured", "quant", "gguf")
 STAGES = ("decomposition", "pruning", "quantization")
@@ -40,7 +41,6 @@ STAGE_OF = {"lowrank": 0, "prune": 1, "structured": 1, "quant": 2, "gguf": 2}
 RATIO_FAMILIES = ("lowrank", "prune", "structured")  # written method@setting; the others method:setting
 GGUF = "gguf"  # the one GGUF method name ("gguf-roundtrip" is a ladder check, not a compression step)
 BITS_RANGE = (2, 8)  # what every torch quantizer accepts (quant.rtn.check_bits)
-DATA_FREE_LOWRANK = ("svd",)  # the low-rank registry has no calibration trait
 SEPARATORS = ("->", "→", ">")
 # Later methods that fail today on what an earlier family or method leaves (measured on tiny Llama; a
 # test checks each pair still fails): refused before any work instead of crashing half-way.
@@ -65,19 +65,9 @@ _BITS = re.compile(r"(?P<bits>\d+)\s*bits?(?:\s*/\s*g(?P<group>\d+))?", re.I)
 
 
 def method_families() -> dict[str, str]:
-    """Every method name a recipe may use -> its family. Loading the families registers them; imported
-    here, not at module level, so no family module can ever end up in an import cycle with this one."""
-    from mpt_utils.lowrank import LOWRANK
-    from mpt_utils.method_versions import load_all
-    from mpt_utils.prune import PRUNERS
-    from mpt_utils.prune.structured import STRUCTURED
-    from mpt_utils.quant import QUANTIZERS
-
-    load_all()
-    kinds = {LOWRANK.kind: "lowrank", PRUNERS.kind: "prune", STRUCTURED.kind: "structured",
-             QUANTIZERS.kind: "quant"}
-    found = {name: kinds[v.kind] for name, v in METHOD_VERSIONS.items() if v.kind in kinds}
-    return {**found, GGUF: GGUF}
+    """Every method name a recipe may use -> its family (the catalogue's, which this grammar shares)."""
+    found = {name: info.family for name, info in load_all().items() if info.family in FAMILIES and info.family != GGUF}
+    return {**found, GGUF: GGUF}  # of the GGUF ladder's steps, only "gguf" compresses
 
 
 def _unknown_method(method: str, families: Mapping[str, str]) -> MPTError:
@@ -344,7 +334,7 @@ class Step:
     @property
     def version(self) -> int:
         """The method's declared algorithm version (the results store recomputes when it changes)."""
-        return METHOD_VERSIONS[self.method].version
+        return CATALOGUE[self.method].version
 
     def __str__(self) -> str:
         sep = "@" if self.family in RATIO_FAMILIES else ":"
@@ -436,21 +426,7 @@ class Recipe:
 
 # -- applying ------------------------------------------------------------------------------------------
 def needs_calibration(step: Step) -> bool:
-    if step.family == "lowrank":
-        return step.method not in DATA_FREE_LOWRANK
-    if step.family == "prune":
-        from mpt_utils.prune import get_method
-
-        return get_method(step.method).needs_stats
-    if step.family == "structured":
-        from mpt_utils.prune.structured import CALIBRATION_FREE
-
-        return step.method not in CALIBRATION_FREE
-    if step.family == "quant":
-        from mpt_utils.quant import CALIBRATED
-
-        return step.method in CALIBRATED
-    return False
+    return step.family != GGUF and method_info(step.method).calibration
 
 
 def _calib_key(calib_ids: Any) -> str:

@@ -15,7 +15,8 @@ FAMILIES = {"pruning method": {"magnitude", "wanda", "sparsegpt", "ria", "admm",
             "structured pruning method": {"shortgpt", "sleb", "flap", "llm_pruner", "slicegpt", "random"},
             "quantizer": {"rtn", "gptq", "awq", "smoothquant"},
             "low-rank method": {"svd", "asvd", "svd_llm"},
-            "GGUF ladder step": {"gguf", "gguf-roundtrip"}}
+            "GGUF ladder step": {"gguf", "gguf-roundtrip"},
+            "compression-law method": {"random_prunenet"}}
 
 
 def test_every_method_matches_the_lock():

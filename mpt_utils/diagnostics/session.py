@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from mpt_utils.catalogue import method_info
 from mpt_utils.diagnostics.compress import Setting, compressed_copy
 from mpt_utils.diagnostics.pipeline import DIAGNOSTICS_VERSION, Diagnosis, diagnose, frame_rows, rows_frame
 from mpt_utils.diagnostics.prompts import factual_suite
@@ -118,7 +119,8 @@ class DiagnosticSession:
         config = {**self.base_config(), **setting.config(), "calib_data": self.calib_data,
                   "n_calib": self.calib_windows, "seqlen": self.calib_seqlen, "eval_data": self.eval_data,
                   "ppl_windows": self.ppl_windows, "inject": inject, "patch": patch, "keep_sets": self.keep_sets}
-        needs_calib = setting.family != "quantization" or setting.method != "rtn"
+        # pruning and low rank always get both (a calibration-free method ignores them)
+        needs_calib = setting.family != "quantization" or method_info(setting.method).calibration
         return self._point(config, lambda: compressed_copy(
             self.dense, setting, calib_ids=self.calib if needs_calib else None,
             stats=self.stats if setting.family != "quantization" else None, device=self.device),

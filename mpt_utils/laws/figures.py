@@ -7,17 +7,24 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from mpt_utils.catalogue import load_all
 from mpt_utils.laws.points import curves
 from mpt_utils.laws.shape import _fit_shape, predict_shape
+from mpt_utils.laws.sweep import METHODS
 
-LABELS = {"random_prunenet": "RandomPruneNet (calibration-free)", "slicegpt": "SliceGPT (calibration-based)"}
 YLABEL = {"intrinsic": "test cross-entropy (nats/token)", "extrinsic": "accuracy"}
+
+
+def title(method: str) -> str:
+    """A panel's title: the method's display name and whether it calibrates (the grid's contrast)."""
+    info = load_all().get(method)
+    return method if info is None else f"{info.display} (calibration-{'based' if info.calibration else 'free'})"
 
 
 def fig_curves(points: pd.DataFrame, kind: str, shape: str | None = None) -> plt.Figure:
     """Metric vs ratio per method (panels), one line per model × corpus/task, without RFT (solid) and
     at the largest RFT budget (dashed); `shape` overlays that fitted shape on the no-RFT points."""
-    methods = [m for m in LABELS if m in set(points["method"])]
+    methods = [m for m in METHODS if m in set(points["method"])]
     fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(5.2 * max(1, len(methods)), 3.8), squeeze=False)
     sel = points[points["kind"] == kind]
     d_max = int(sel["tokens"].max()) if not sel.empty else 0
@@ -36,7 +43,7 @@ def fig_curves(points: pd.DataFrame, kind: str, shape: str | None = None) -> plt
                 ax.plot(g2["ratio"], g2["value"], "s--", color=color, ms=3, lw=1)
         if kind == "extrinsic" and "chance" in sel and sel["chance"].notna().any():
             ax.axhline(float(sel["chance"].dropna().mean()), color="grey", lw=0.8, ls="-.", label="chance")
-        ax.set_title(LABELS.get(method, method), fontsize=10)
+        ax.set_title(title(method), fontsize=10)
         ax.set_xlabel("compression ratio r")
         ax.set_ylabel(YLABEL[kind])
     axes[0][0].legend(fontsize=6, loc="best")
@@ -91,7 +98,7 @@ def fig_rft(points: pd.DataFrame) -> plt.Figure:
         ax.set_xscale("log")
         ax.set_xlabel("RFT tokens D (leftmost: none)")
         ax.set_ylabel(YLABEL["intrinsic"])
-        ax.set_title(LABELS.get(method, method), fontsize=10)
+        ax.set_title(title(method), fontsize=10)
         ax.legend(fontsize=5, ncol=2)
     fig.tight_layout()
     return fig

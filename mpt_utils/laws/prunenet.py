@@ -25,9 +25,11 @@ from mpt_utils.prune.structured.surgery import (
     keep_mlp_channels,
     llama_parts,
 )
+from mpt_utils.registry import Registry
 
 METHOD = "random_prunenet"
-VERSION = 1  # part of every stored point's config: bump when the channel choice below changes
+# The compression-law grid's own method (its other one, SliceGPT, is the suite's structured method).
+LAW_METHODS: Registry = Registry("compression-law method", ("model", "ratio", "seed"), family="laws")
 
 
 def kept_channels(d_ff: int, ratio: float) -> int:
@@ -35,6 +37,9 @@ def kept_channels(d_ff: int, ratio: float) -> int:
     return max(1, int((1.0 - ratio) * d_ff))
 
 
+# Its points have always carried the version in their config (`method_version`), so the store's
+# inputs leave it out and their keys stay as they were.
+@LAW_METHODS.register(METHOD, version=1, display="RandomPruneNet", calibration=False, version_in_config=True)
 @torch.no_grad()
 def random_prunenet(model: nn.Module, ratio: float, seed: int = 0) -> dict[str, Any]:
     """Remove `ratio` of every block's FFN channels, chosen uniformly at random from `seed`, in place.
@@ -54,9 +59,10 @@ def random_prunenet(model: nn.Module, ratio: float, seed: int = 0) -> dict[str, 
         channels_before, channels_after = channels_before + d_ff, channels_after + keep
     finalize(model)
     ffn_after = sum(count_params(llama_parts(b)[1]) for b in layers)
-    return {"method": METHOD, "version": VERSION, "ratio": ratio, "seed": seed,
+    info = LAW_METHODS.info(METHOD)
+    return {"method": METHOD, "version": info.version, "ratio": ratio, "seed": seed,
             "ffn_channel_reduction": 1.0 - channels_after / channels_before,
             "ffn_reduction": 1.0 - ffn_after / ffn_before,
             "block_reduction": 1.0 - block_params(model) / block_before,
             "param_reduction": 1.0 - count_params(model) / before,
-            "n_params": count_params(model), "calibration_free": True}
+            "n_params": count_params(model), "calibration_free": not info.calibration}

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from mpt_utils.catalogue import method_info
 from mpt_utils.data import calibration_windows
 from mpt_utils.errors import MPTError, check_ratio
 from mpt_utils.laws import prunenet
@@ -36,7 +37,6 @@ from mpt_utils.store import ResultsStore
 
 FAMILY = "compression_laws"
 METHODS = ("random_prunenet", "slicegpt")
-CALIBRATION_FREE = ("random_prunenet",)
 
 
 @dataclass
@@ -81,8 +81,8 @@ class LawSettings:
                "seed": self.seed, "device": self.device}
         if method == "slicegpt":
             cfg.update(data=self.calib_data, n_calib=self.n_calib, calib_seqlen=self.seqlen)
-        elif method == prunenet.METHOD:
-            cfg["method_version"] = prunenet.VERSION  # not in the suite's registry: versioned here
+        elif method == prunenet.METHOD:  # registered with version_in_config: versioned here
+            cfg["method_version"] = prunenet.LAW_METHODS.info(method).version
         return cfg
 
     def ce_config(self, model: str, method: str, ratio: float) -> dict[str, Any]:
@@ -171,7 +171,7 @@ class _ModelGrid:
         return ce_rows(model, self.tok, s.eval_data, s.seqlen, s.max_eval_windows, s.device)
 
     def calib_ids(self, method: str) -> torch.Tensor | None:
-        if method in CALIBRATION_FREE:
+        if not method_info(method).calibration:
             return None
         if self.calib is None:
             s = self.settings

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mpt_utils.lowrank.asvd import plan_asvd
+from mpt_utils.errors import MPTError
 from mpt_utils.lowrank.factorized import (
     Factorization,
     LowRankLinear,
@@ -27,25 +27,24 @@ from mpt_utils.lowrank.factorized import (
     breakeven_rank,
 )
 from mpt_utils.lowrank.ranks import check_lowrank_ratio, rank_for_ratio
-from mpt_utils.lowrank.svd import plan_svd
-from mpt_utils.lowrank.svd_llm import plan_svd_llm
 from mpt_utils.registry import Registry
 
 # what callers pass besides a method's options (the sweep fills these in itself)
 ENGINE_ARGS = ("model", "calib_ids", "stats", "device", "progress")
-LOWRANK: Registry = Registry("low-rank method", ENGINE_ARGS)
-LOWRANK.register("svd", version=1)(plan_svd)
-LOWRANK.register("asvd", version=2, sources=("mpt_utils.lowrank.ranks",))(plan_asvd)
-LOWRANK.register("svd_llm", version=2, sources=("mpt_utils.prune.structured.recovery",))(plan_svd_llm)
-
-# Mode I (weight-dominant) vs Mode II (activation-centric), as the Perspective groups them.
-MODES = {"svd": "I", "asvd": "I", "svd_llm": "II"}
+# Every module of this package is imported on first lookup; each method module registers itself with
+# `@LOWRANK.register(name, version=, display=, calibration=, mode=)`, mode I (weight-dominant) or
+# II (activation-centric) as the Perspective groups them.
+LOWRANK: Registry = Registry("low-rank method", ENGINE_ARGS, family="lowrank", package=__name__,
+                             modes=("I", "II"))
 
 
 def prepare(model: nn.Module, method: str, calib_ids: torch.Tensor | None = None, **options) -> LowRankPlan:
     """The ratio-independent part of `method` (SVDs, ASVD's sensitivity search), reusable for a sweep."""
     fn = LOWRANK.get(method)
     LOWRANK.check_options(method, {k: v for k, v in options.items() if k not in ENGINE_ARGS})
+    if LOWRANK.info(method).calibration and calib_ids is None and options.get("stats") is None:
+        raise MPTError(f"{method} needs calibration data",
+                       "pass calib_ids=calibration_windows(tokenizer, ...) or stats from collect_stats")
     return fn(model, calib_ids, **options)
 
 
@@ -56,5 +55,5 @@ def decompose(model: nn.Module, method: str, ratio: float, calib_ids: torch.Tens
     return prepare(model, method, calib_ids, **options).apply(model, ratio)
 
 
-__all__ = ["LOWRANK", "MODES", "Factorization", "LowRankLinear", "LowRankPlan", "LowRankReport",
+__all__ = ["LOWRANK", "Factorization", "LowRankLinear", "LowRankPlan", "LowRankReport",
            "breakeven_rank", "check_lowrank_ratio", "decompose", "prepare", "rank_for_ratio"]

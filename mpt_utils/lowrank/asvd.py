@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from mpt_utils.calibration import LayerStats, collect_stats, decoder_layers
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.perplexity import nll_from_logits
+from mpt_utils.lowrank import LOWRANK
 from mpt_utils.lowrank.factorized import Factorization, LowRankPlan, get_module, set_module, target_linears
 from mpt_utils.lowrank.ranks import allocate_by_sensitivity, rank_for_ratio
 from mpt_utils.lowrank.svd import scaled_svd
@@ -167,6 +168,8 @@ def sensitivity(model: nn.Module, facts: Mapping[str, Factorization], groups: Ma
     return table, tail.base
 
 
+@LOWRANK.register("asvd", version=2, display="ASVD", calibration=True, mode="I",
+                  sources=("mpt_utils.lowrank.ranks",))
 def plan_asvd(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
               stats: dict[str, LayerStats] | None = None, device: str | torch.device | None = None,
               layer_filter=None, progress: bool = True, alpha: float = 0.5,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mpt_utils.errors import MPTError
+from mpt_utils.lowrank import LOWRANK
 from mpt_utils.lowrank.factorized import Factorization, LowRankPlan, breakeven_rank, target_linears
 from mpt_utils.lowrank.ranks import uniform_ranks
 
@@ -75,6 +76,7 @@ def uniform_plan(method: str, model: nn.Module, factorize, *, layer_filter=None,
     return LowRankPlan(method, facts, lambda ratio: uniform_ranks(shapes, ratio), info)
 
 
+@LOWRANK.register("svd", version=1, display="SVD", calibration=False, mode="I")
 def plan_svd(model: nn.Module, calib_ids: torch.Tensor | None = None, *, stats=None,
              device: str | torch.device | None = None, layer_filter=None, progress: bool = True) -> LowRankPlan:
     """Plain SVD of every decoder linear; needs no calibration data (calib_ids/stats are ignored)."""

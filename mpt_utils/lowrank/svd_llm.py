@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from mpt_utils.calibration import LayerStats, collect_stats, decoder_layers, layerwise
 from mpt_utils.errors import MPTError
+from mpt_utils.lowrank import LOWRANK
 from mpt_utils.lowrank.factorized import (
     Factorization,
     LowRankLinear,
@@ -115,6 +116,8 @@ def _check_update(update: str, steps: int | None, batch_size: int, lr: float, se
                        "use update_steps >= 1 (None: 2 epochs), update_batch_size >= 1, update_lr > 0")
 
 
+@LOWRANK.register("svd_llm", version=2, display="SVD-LLM", calibration=True, mode="II",
+                  sources=("mpt_utils.prune.structured.recovery",))
 def plan_svd_llm(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
                  stats: dict[str, LayerStats] | None = None, device: str | torch.device | None = None,
                  layer_filter: Callable[[str], bool] | None = None, progress: bool = True,

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from mpt_utils.catalogue import method_info
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.store import ResultsStore
@@ -38,6 +39,14 @@ class SweepSpec:
         if self.label:
             return self.label
         return f"{self.method}_seq" if self.options.get("sequential") else self.method
+
+    @property
+    def display(self) -> str:
+        """The curve's name in tables and figures: the method's display name, '(seq)' when sequential."""
+        if self.label:
+            return self.label
+        name = method_info(self.method).display
+        return f"{name} (seq)" if self.options.get("sequential") else name
 
 
 class LowRankSweep:
@@ -117,7 +126,8 @@ class LowRankSweep:
             if spec.method == "asvd":
                 opts["sensitivity_table"] = self.sensitivity_table(spec)
             if spec.name not in self._plans:  # the sensitivity compute may have built it already
-                stats = None if spec.method == "svd" or opts.get("sequential") else self.stats
+                calibrated = method_info(spec.method).calibration
+                stats = self.stats if calibrated and not opts.get("sequential") else None
                 self._plans[spec.name] = prepare(self.loaded.model, spec.method, self.calib, stats=stats,
                                                  device=self.device, progress=self.progress, **opts)
         return self._plans[spec.name]
@@ -152,7 +162,7 @@ class LowRankSweep:
         return self.store.get_or_compute(cfg, compute)
 
     def point(self, spec: SweepSpec, ratio: float, data: str) -> list[dict]:
-        from mpt_utils.lowrank import LOWRANK, MODES, check_lowrank_ratio
+        from mpt_utils.lowrank import LOWRANK, check_lowrank_ratio
 
         LOWRANK.check_options(spec.method, spec.options)  # fails before any model is loaded
         ratio = check_lowrank_ratio(ratio)
@@ -170,7 +180,7 @@ class LowRankSweep:
                 if n_params != report.n_params_after:
                     raise MPTError(f"{spec.name}: counted {n_params} parameters, report says "
                                    f"{report.n_params_after}", "report this bug")
-            extra = {"mode": MODES.get(spec.method, ""), "requested_ratio": ratio, "data": data}
+            extra = {"mode": LOWRANK.info(spec.method).mode, "requested_ratio": ratio, "data": data}
             summary = [{"metric": k, "value": v} for k, v in report.summary().items()]
             return [{**r, **extra} for r in rows + summary + report.layer_rows()]
 

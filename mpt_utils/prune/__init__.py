@@ -1,6 +1,6 @@
 """Pruning family: unstructured and semi-structured (N:M) methods behind one registry.
 
-Every method is one module exposing one layer-level function, registered by name:
+Every method is one module of this package exposing one layer-level function, registered by name:
 
     fn(weight: Tensor[out, in], stats: LayerStats | None, sparsity: float, pattern: (N, M) | None,
        *, name: str = "", cache: dict | None = None, <options>) -> Tensor  (new weight, zeros where pruned)
@@ -16,15 +16,13 @@ pruning subpackage `mpt_utils.prune.structured` can live next to it.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from mpt_utils.catalogue import MethodInfo
 from mpt_utils.registry import Registry, check_options
-
-METHOD_MODULES = ("magnitude", "wanda", "sparsegpt", "ria", "admm", "owl", "dsnot")
 
 
 @dataclass(frozen=True)
@@ -33,7 +31,7 @@ class PruneMethod:
 
     name: str
     fn: Callable[..., Any]
-    needs_stats: bool = True  # magnitude needs no calibration data
+    calibration: bool = True  # magnitude needs no calibration data
     updates_weights: bool = False  # SparseGPT/ADMM reconstruct the kept weights, the others only mask
     supports_nm: bool = True
     allocate: Any = None  # mpt_utils.prune.owl.Allocation-like object, or None for uniform sparsity
@@ -42,30 +40,21 @@ class PruneMethod:
         return self.fn(*args, **kwargs)
 
 
+def _method(info: MethodInfo, fn: Callable) -> PruneMethod:
+    return PruneMethod(info.name, fn, info.calibration, **info.traits)
+
+
 # what the engine passes to every layer-level function itself (never user options)
 ENGINE_ARGS = ("weight", "stats", "sparsity", "pattern", "name", "cache")
-PRUNERS: Registry = Registry("pruning method", ENGINE_ARGS)
-
-
-def register(name: str, version: int = 1, **traits: Any) -> Callable[[Callable], Callable]:
-    """Decorator: register a layer-level pruning function under `name` at algorithm `version`
-    (bump it when a change alters the method's numbers) with its traits."""
-
-    def deco(fn: Callable) -> Callable:
-        PRUNERS.register(name, version=version, module=fn.__module__)(PruneMethod(name, fn, **traits))
-        return fn
-
-    return deco
-
-
-def load_methods() -> None:
-    for module in METHOD_MODULES:
-        importlib.import_module(f"mpt_utils.prune.{module}")
+# Every module of this package is imported on first lookup; each method module registers itself with
+# `@PRUNERS.register(name, version=, display=, calibration=, <traits below>)`.
+PRUNERS: Registry[PruneMethod] = Registry(
+    "pruning method", ENGINE_ARGS, family="prune", package=__name__, wrap=_method,
+    traits={"updates_weights": False, "supports_nm": True, "allocate": None})
 
 
 def get_method(name: str) -> PruneMethod:
     """The registered method `name` (an MPTError lists the available ones)."""
-    load_methods()
     return PRUNERS.get(name)
 
 
@@ -97,7 +86,6 @@ def check_method_options(name: str, opts: Mapping[str, Any]) -> None:
 
 
 def method_names() -> list[str]:
-    load_methods()
     return PRUNERS.names()
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from mpt_utils.calibration import LayerStats
-from mpt_utils.prune import register
+from mpt_utils.prune import PRUNERS
 from mpt_utils.prune.masks import Pattern, check_nm_shape, layer_mask, nm_mask, row_mask
 
 
@@ -48,7 +48,7 @@ def _keep_mask(score: torch.Tensor, sparsity: float, pattern: Pattern | None, sc
     return ~layer_mask(ranked, sparsity)  # prunes only candidates: every kept weight scores inf
 
 
-@register("admm", version=1, updates_weights=True)
+@PRUNERS.register("admm", version=1, display="ADMM", calibration=True, updates_weights=True)
 @torch.no_grad()
 def admm(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
          *, iters: int = 20, gradual_iters: int = 15, rho: float = 1.0, percdamp: float = 0.1,

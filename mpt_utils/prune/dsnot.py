@@ -30,7 +30,7 @@ import torch
 
 from mpt_utils.calibration import LayerStats
 from mpt_utils.errors import MPTError
-from mpt_utils.prune import register
+from mpt_utils.prune import PRUNERS
 from mpt_utils.prune.masks import Pattern, apply_mask, nm_mask, row_mask
 from mpt_utils.prune.sparsegpt import obs_saliency
 from mpt_utils.prune.wanda import wanda_scores
@@ -121,7 +121,8 @@ def refine_nm(mask: torch.Tensor, contrib: torch.Tensor, regrow_key: torch.Tenso
     return mask
 
 
-@register("dsnot", version=2)
+@PRUNERS.register("dsnot", version=2, display="DSnoT", calibration=True,
+                  paper_name={"wanda": "w.DSnoT", "sparsegpt": "s.DSnoT"})
 @torch.no_grad()
 def dsnot(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
           *, base: str = "wanda", max_cycles: int = 50, threshold: float = 0.1, var_power: float = 1.0,

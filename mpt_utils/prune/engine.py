@@ -62,7 +62,7 @@ def _prune_block(block: nn.Module, stats: dict[str, LayerStats] | None, method: 
                  pattern: Pattern | None, prefix: str, cache: dict | None, opts: dict) -> None:
     for name, lin in linear_layers(block).items():
         st = None
-        if method.needs_stats:
+        if method.calibration:
             if stats is None or name not in stats:
                 raise MPTError(f"no calibration statistics for {prefix}.{name}",
                                "collect them with mpt_utils.calibration.collect_stats on this model")
@@ -144,9 +144,9 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
     if nm is not None and not spec.supports_nm:
         raise MPTError(f"{method} does not support N:M patterns ({pattern_name(nm)})",
                        "use unstructured sparsity with this method, or another method for N:M")
-    if spec.needs_stats and stats is None and calib_ids is None:
+    if spec.calibration and stats is None and calib_ids is None:
         raise MPTError(f"{method} needs calibration data", "pass calib_ids=... or stats=collect_stats(...)")
-    if spec.needs_stats:
+    if spec.calibration:
         opts = _window_opts(spec, method, opts, None if stats is not None else calib_ids, calib_seqlen)
     if spec.allocate is not None and block_scores is not None and len(block_scores) != len(decoder_layers(model)):
         raise MPTError(f"{len(block_scores)} block scores for a model with {len(decoder_layers(model))} blocks",
@@ -155,7 +155,7 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
     prefixes = block_prefixes(model)
     start = time.perf_counter()
 
-    if not spec.needs_stats:
+    if not spec.calibration:
         mode = "data-free"
         for prefix, block in zip(prefixes, layers):
             _prune_block(block, None, spec, target, nm, prefix, None, opts)

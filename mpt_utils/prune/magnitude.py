@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mpt_utils.prune import register
+from mpt_utils.prune import PRUNERS
 from mpt_utils.prune.masks import Pattern, apply_mask, select_mask
 
 
-@register("magnitude", version=1, needs_stats=False)
+@PRUNERS.register("magnitude", version=1, display="Magnitude", calibration=False)
 def magnitude(weight: torch.Tensor, stats, sparsity: float, pattern: Pattern | None = None,
               *, scope: str = "layer", name: str = "", cache: dict | None = None) -> torch.Tensor:
     """Zero the `sparsity` fraction of smallest-magnitude weights, compared across the whole layer

@@ -16,7 +16,7 @@ import torch
 
 from mpt_utils.calibration import LayerStats
 from mpt_utils.errors import MPTError
-from mpt_utils.prune import get_method, register
+from mpt_utils.prune import PRUNERS, get_method
 from mpt_utils.prune.masks import Pattern
 from mpt_utils.prune.wanda import wanda_scores
 
@@ -57,7 +57,9 @@ class OWLAllocation:
         return owl_sparsities(scores, sparsity, lam)
 
 
-@register("owl", version=1, supports_nm=False, allocate=OWLAllocation())
+# the papers name each pairing of OWL's allocation with its base method
+@PRUNERS.register("owl", version=1, display="OWL", calibration=True, supports_nm=False, allocate=OWLAllocation(),
+                  paper_name={"wanda": "Wanda_owl", "sparsegpt": "SparseGPT_owl"})
 def owl(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
         *, base: str = "wanda", **opts) -> torch.Tensor:
     """Prune one layer with the base method at the block's OWL sparsity (given by the engine)."""

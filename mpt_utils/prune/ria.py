@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mpt_utils.calibration import LayerStats
-from mpt_utils.prune import register
+from mpt_utils.prune import PRUNERS
 from mpt_utils.prune.masks import Pattern, apply_mask, select_mask
 
 
@@ -23,7 +23,7 @@ def ria_scores(weight: torch.Tensor, stats: LayerStats, a: float = 0.5) -> torch
     return relative * act.unsqueeze(0)
 
 
-@register("ria", version=1)
+@PRUNERS.register("ria", version=1, display="RIA", calibration=True)
 def ria(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
         *, a: float = 0.5, scope: str = "layer", name: str = "", cache: dict | None = None
         ) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from mpt_utils.calibration import LayerStats
 from mpt_utils.errors import MPTError
-from mpt_utils.prune import register
+from mpt_utils.prune import PRUNERS
 from mpt_utils.prune.masks import Pattern, check_nm_shape, layer_mask, nm_mask
 
 
@@ -49,7 +49,7 @@ def obs_saliency(weight: torch.Tensor, stats: LayerStats, percdamp: float = 0.01
     return w.pow(2) / torch.diagonal(U).pow(2).unsqueeze(0)
 
 
-@register("sparsegpt", version=1, updates_weights=True)
+@PRUNERS.register("sparsegpt", version=1, display="SparseGPT", calibration=True, updates_weights=True)
 @torch.no_grad()
 def sparsegpt(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
               *, blocksize: int = 128, percdamp: float = 0.01, name: str = "", cache: dict | None = None

@@ -28,16 +28,22 @@ from mpt_utils.store import ResultsStore
 
 FAMILY = "unstructured"
 MODES = ("dense", "sequential")
-# our method labels -> the names in the paper's Tables 2/3 (data/published/table2_unstructured.csv)
-PAPER_NAMES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT", "ria": "RIA",
-               "admm": "ADMM", "owl:wanda": "Wanda_owl", "owl:sparsegpt": "SparseGPT_owl",
-               "dsnot:wanda": "w.DSnoT", "dsnot:sparsegpt": "s.DSnoT"}
 
 
 def parse_method(label: str) -> tuple[str, dict[str, Any]]:
     """'owl:sparsegpt' -> ('owl', {'base': 'sparsegpt'}); 'wanda' -> ('wanda', {})."""
     name, _, base = label.partition(":")
     return name, ({"base": base} if base else {})
+
+
+def paper_name(label: str) -> str | None:
+    """The name the paper's Tables 2/3 (data/published/table2_unstructured.csv) give method `label`
+    ('owl:wanda' -> 'Wanda_owl'); None when the label names no registered method."""
+    from mpt_utils.catalogue import load_all
+
+    name, opts = parse_method(label)
+    info = load_all().get(name)
+    return info.paper(opts.get("base")) if info is not None else None
 
 
 def method_label(name: str, opts: dict[str, Any]) -> str:
@@ -190,7 +196,7 @@ class PruneSession:
         name, base_opts = parse_method(method)
         opts = {**base_opts, **opts}
         check_method_options(name, opts)  # a misspelled option fails before any model is loaded
-        data_free = not get_method(name).needs_stats
+        data_free = not get_method(name).calibration
         return {"model": self.model, "method": method_label(name, opts), "family": FAMILY,
                 "ratio": float(sparsity), "bits": None, "pattern": pattern or "unstructured", "seed": self.seed,
                 "calib_data": None if data_free else self.calib_data,
@@ -219,9 +225,9 @@ class PruneSession:
             self.restore()
         self.paired.prepare(self.loaded.model, self.eval_data, self.progress)  # the model is dense here
         kwargs: dict[str, Any] = dict(cfg["opts"])
-        if spec.needs_stats and self.mode == "dense":
+        if spec.calibration and self.mode == "dense":
             kwargs.update(stats=self.stats, cache=self._cache, calib_seqlen=self.calib_seqlen)
-        elif spec.needs_stats:
+        elif spec.calibration:
             kwargs.update(calib_ids=self.calib_ids, sequential=True, device=self.device)
         if spec.allocate is not None:
             kwargs["block_scores"] = self.block_scores(name, cfg["opts"])
@@ -273,7 +279,7 @@ class PruneSession:
         rows: list[dict[str, Any]] = []
         try:
             for method in methods:
-                if not get_method(parse_method(method)[0]).needs_stats:
+                if not get_method(parse_method(method)[0]).calibration:
                     continue
                 opts = dict((method_opts or {}).get(method, {}))
                 for s in sparsities:

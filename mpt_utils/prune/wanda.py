@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mpt_utils.calibration import LayerStats
-from mpt_utils.prune import register
+from mpt_utils.prune import PRUNERS
 from mpt_utils.prune.masks import Pattern, apply_mask, select_mask
 
 
@@ -14,7 +14,7 @@ def wanda_scores(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
     return weight.abs().float() * stats.sq_norm.to(weight.device).sqrt().unsqueeze(0)
 
 
-@register("wanda", version=1)
+@PRUNERS.register("wanda", version=1, display="Wanda", calibration=True)
 def wanda(weight: torch.Tensor, stats: LayerStats, sparsity: float, pattern: Pattern | None = None,
           *, scope: str = "row", name: str = "", cache: dict | None = None) -> torch.Tensor:
     """Zero the lowest-scoring `sparsity` fraction of every row (or N of every M inputs)."""

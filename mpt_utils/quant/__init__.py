@@ -12,13 +12,15 @@ format would really take (codes + scales + zero points) comes from `mpt_utils.qu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mpt_utils.errors import MPTError
-from mpt_utils.quant.rtn import QuantSpec, rtn
 from mpt_utils.registry import Registry
+
+if TYPE_CHECKING:
+    from mpt_utils.quant.rtn import QuantSpec
 
 
 @dataclass
@@ -36,24 +38,10 @@ class QuantResult:
 
 # what `quantize` passes itself: the rest of a quantizer's keyword parameters are its options
 ENGINE_ARGS = ("model", "bits", "group_size", "sym", "calib_ids", "device", "progress")
-QUANTIZERS: Registry = Registry("quantizer", ENGINE_ARGS)
-CALIBRATED = {"gptq", "awq", "smoothquant"}  # methods that need calibration windows
+# Every module of this package is imported on first lookup; each quantizer module registers itself with
+# `@QUANTIZERS.register(name, version=, display=, calibration=)`.
+QUANTIZERS: Registry = Registry("quantizer", ENGINE_ARGS, family="quant", package=__name__)
 GRID = ("mpt_utils.quant.rtn",)  # the quantization grid every torch quantizer rounds onto
-
-QUANTIZERS.register("rtn", version=1)(rtn)
-
-
-def _register_all() -> None:
-    from mpt_utils.quant.awq import awq
-    from mpt_utils.quant.gptq import gptq
-    from mpt_utils.quant.smoothquant import smoothquant
-
-    QUANTIZERS.register("gptq", version=2, sources=GRID)(gptq)
-    QUANTIZERS.register("awq", version=2, sources=GRID)(awq)
-    QUANTIZERS.register("smoothquant", version=2, sources=GRID)(smoothquant)
-
-
-_register_all()
 
 
 _UNSET: Any = object()
@@ -67,10 +55,18 @@ def quantize(model: torch.nn.Module, method: str, *, bits: int, group_size: int 
     for SmoothQuant)."""
     fn = QUANTIZERS.get(method)
     QUANTIZERS.check_options(method, options)
-    if method in CALIBRATED and calib_ids is None and options.get("stats") is None:
+    if QUANTIZERS.info(method).calibration and calib_ids is None and options.get("stats") is None:
         raise MPTError(f"{method} needs calibration data", "pass calib_ids=calibration_windows(tokenizer, ...)")
     given = {k: v for k, v in (("group_size", group_size), ("sym", sym)) if v is not _UNSET}
     return fn(model, bits=bits, calib_ids=calib_ids, device=device, progress=progress, **given, **options)
 
 
-__all__ = ["CALIBRATED", "QUANTIZERS", "QuantResult", "QuantSpec", "quantize"]
+def __getattr__(attr: str):  # QuantSpec lives in rtn, which registers into QUANTIZERS: imported on first use
+    if attr == "QuantSpec":
+        from mpt_utils.quant.rtn import QuantSpec
+
+        return QuantSpec
+    raise AttributeError(attr)
+
+
+__all__ = ["QUANTIZERS", "QuantResult", "QuantSpec", "quantize"]

@@ -37,6 +37,7 @@ from torch import nn
 
 from mpt_utils.calibration import LayerStats, decoder_layers, layerwise
 from mpt_utils.errors import MPTError
+from mpt_utils.quant import GRID, QUANTIZERS
 from mpt_utils.quant.rtn import (
     QuantSpec,
     check_spec,
@@ -263,6 +264,7 @@ def _record_inspected(layers: nn.ModuleList, current: dict, calls: dict[str, lis
     return handles
 
 
+@QUANTIZERS.register("awq", version=2, display="AWQ", calibration=True, sources=GRID)
 def awq(model: nn.Module, *, bits: int, group_size: int | None = 128, sym: bool = False,
         calib_ids: torch.Tensor | None = None, device: str | None = None, progress: bool = True,
         objective: str = "module", n_grid: int = 20, max_shrink: float = 0.5, clip: bool = True,

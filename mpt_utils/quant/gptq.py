@@ -32,6 +32,7 @@ from torch import nn
 
 from mpt_utils.calibration import LayerStats, decoder_layers, layerwise, linear_layers
 from mpt_utils.errors import MPTError
+from mpt_utils.quant import GRID, QUANTIZERS
 from mpt_utils.quant.rtn import QuantSpec, check_spec, make_grid, normalize_group_size
 
 # The reference's true-sequential order (llama.py), with the OPT names of the same roles.
@@ -155,6 +156,7 @@ def gptq_block(block: nn.Module, stats: dict[str, LayerStats], spec: QuantSpec, 
     return losses, used
 
 
+@QUANTIZERS.register("gptq", version=2, display="GPTQ", calibration=True, sources=GRID)
 def gptq(model: nn.Module, *, bits: int, group_size: int | None = 128, sym: bool = False,
          calib_ids: torch.Tensor | None = None, device: str | None = None, progress: bool = True,
          damp: float = 0.01, block_size: int = 128, act_order: bool = True, static_groups: bool = True,

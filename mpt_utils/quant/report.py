@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from mpt_utils.catalogue import display_names, method_info
+
 # Table 4's GGUF row: the scheme behind each nominal bit width (Table 5's ladder)
 TABLE4_GGUF = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 8: "Q8_0"}
-METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "awq": "AWQ", "smoothquant": "SmoothQuant W8A8", "gguf": "GGUF"}
+TABLE4_ROWS = ("rtn", "gptq", "awq", "smoothquant", "gguf")  # the paper's row order
 
 
 def _metric(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -25,8 +27,8 @@ def table4(torch_rows: pd.DataFrame, gguf_rows: pd.DataFrame | None = None,
         g = _metric(gguf_rows, "ppl").set_index("scheme")["value"]
         table.loc["gguf"] = {b: g.get(s, np.nan) for b, s in TABLE4_GGUF.items()}
     table = table.reindex(columns=[b for b in bits if b in table.columns or b in TABLE4_GGUF])
-    order = [m for m in METHOD_NAMES if m in table.index]
-    table = table.loc[order].rename(index=METHOD_NAMES)
+    order = [m for m in TABLE4_ROWS if m in table.index]
+    table = table.loc[order].rename(index=display_names(names=order))
     table.columns = [f"{int(b)} bits" for b in table.columns]
     return table
 
@@ -63,7 +65,7 @@ def torch_curves(torch_rows: pd.DataFrame, x: str = "bits") -> list[tuple[str, n
         if len(dense):
             xs, ys = np.append(xs, 16.0), np.append(ys, float(dense.iloc[0]))
         order = np.argsort(-xs)
-        curves.append((METHOD_NAMES[method], xs[order], ys[order]))
+        curves.append((method_info(method).display, xs[order], ys[order]))
     return curves
 
 

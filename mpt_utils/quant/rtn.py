@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mpt_utils.errors import MPTError
+from mpt_utils.quant import QUANTIZERS
 
 ZERO_KINDS = ("int", "float")
 
@@ -132,6 +133,7 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+@QUANTIZERS.register("rtn", version=1, display="RTN", calibration=False)
 @torch.no_grad()
 def rtn(model: nn.Module, *, bits: int, group_size: int | None = 128, sym: bool = False, zero: str = "int",
         calib_ids: torch.Tensor | None = None, device: str | None = None, progress: bool = True):

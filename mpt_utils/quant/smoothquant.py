@@ -35,6 +35,7 @@ from torch import nn
 
 from mpt_utils.calibration import decoder_layers
 from mpt_utils.errors import MPTError
+from mpt_utils.quant import GRID, QUANTIZERS
 from mpt_utils.quant.awq import _fold_into_producer
 from mpt_utils.quant.rtn import QuantSpec, check_bits, quantize_weight
 
@@ -98,6 +99,9 @@ def _output_quant_hook(bits: int):
 BMM_INPUTS = ("q_proj", "k_proj", "v_proj")  # their outputs are the attention matmuls' inputs
 
 
+# SmoothQuant quantizes activations to 8 bits too; Table 4 prints it "SmothQuant w8a8"
+@QUANTIZERS.register("smoothquant", version=2, display="SmoothQuant W8A8", calibration=True,
+                     paper_name="SmothQuant w8a8", sources=GRID)
 @torch.no_grad()
 def smoothquant(model: nn.Module, *, bits: int = 8, group_size: int | None = None, sym: bool = True,
                 calib_ids: torch.Tensor | None = None, device: str | None = None, progress: bool = True,

@@ -131,7 +131,7 @@ def scheme_label(method: str, bits: int, group_size: int | None, sym: bool) -> s
 def quant_point(store: ResultsStore, bench: Workbench, method: str, bits: int, *, group_size: int | None = 128,
                 sym: bool = False, options: dict | None = None, progress: bool = True) -> list[dict]:
     """Quantize a copy of the dense model with `method`, evaluate, store and return the rows."""
-    from mpt_utils.quant import CALIBRATED, QUANTIZERS, quantize
+    from mpt_utils.quant import QUANTIZERS, quantize
     from mpt_utils.quant.size import storage
 
     options = dict(options or {})
@@ -141,7 +141,7 @@ def quant_point(store: ResultsStore, bench: Workbench, method: str, bits: int, *
 
     def compute():
         model = bench.fresh_model()
-        calib = bench.calib_ids() if method in CALIBRATED else None
+        calib = bench.calib_ids() if QUANTIZERS.info(method).calibration else None
         # only AWQ's per-linear objective can reuse dense statistics; its default re-runs the blocks
         shared = {"stats": bench.dense_stats()} if method == "awq" and options.get("objective") == "linear" else {}
         result = quantize(model, method, bits=bits, group_size=group_size, sym=sym, calib_ids=calib,

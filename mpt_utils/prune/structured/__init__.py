@@ -35,8 +35,10 @@ from mpt_utils.registry import Registry
 StructuredFn = Callable[..., dict]
 # what `structured_prune` and the sweep pass themselves; the rest of the keywords are options
 ENGINE_ARGS = ("model", "ratio", "calib_ids", "cache", "seed", "device", "progress")
-STRUCTURED: Registry[StructuredFn] = Registry("structured pruning method", ENGINE_ARGS)
-CALIBRATION_FREE = ("random",)
+# Every module of this package is imported on first lookup; each method module registers itself with
+# `@STRUCTURED.register(name, version=, display=, calibration=)`.
+STRUCTURED: Registry[StructuredFn] = Registry("structured pruning method", ENGINE_ARGS, family="structured",
+                                              package=__name__)
 
 
 @dataclass
@@ -75,7 +77,7 @@ def structured_prune(model: nn.Module, method: str, ratio: float, calib_ids: tor
     fn = STRUCTURED.get(method)
     ratio = check_ratio(ratio)
     STRUCTURED.check_options(method, {k: v for k, v in options.items() if k not in ENGINE_ARGS})
-    if method not in CALIBRATION_FREE and calib_ids is None:
+    if STRUCTURED.info(method).calibration and calib_ids is None:
         raise MPTError(f"{method} needs calibration windows", "pass calib_ids=calibration_windows(tokenizer, ...)")
     before, block_before = count_params(model), block_params(model)
     layers_before = len(decoder_layers(model))
@@ -102,8 +104,5 @@ def model_device(model: nn.Module, device: str | torch.device | None = None) -> 
 
     return pick_device(device) if device is not None else next(model.parameters()).device
 
-
-# Importing the method modules registers them.
-from mpt_utils.prune.structured import flap, llm_pruner, random, shortgpt, sleb, slicegpt  # noqa: E402,F401
 
 __all__ = ["STRUCTURED", "StructuredResult", "structured_prune"]

@@ -59,7 +59,7 @@ def _layer_stats(model: nn.Module, stats: dict) -> list[tuple]:
     return out
 
 
-@STRUCTURED.register("flap", version=1)
+@STRUCTURED.register("flap", version=1, display="FLAP", calibration=True, paper_name="FLAP(WIFV)")
 def flap(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: dict | None = None,
          metric: str = "wifv", structure: str = "AL-AM", bias: bool = True, seed: int = 0,
          device: str | torch.device | None = None, progress: bool = True) -> dict:

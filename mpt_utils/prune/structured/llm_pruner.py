@@ -130,7 +130,8 @@ def taylor_importance(model: nn.Module, calib_ids: torch.Tensor, kind: str = "pa
     return out
 
 
-@STRUCTURED.register("llm_pruner", version=2, sources=("mpt_utils.prune.structured.recovery",))
+@STRUCTURED.register("llm_pruner", version=2, display="LLM-Pruner", calibration=True, paper_name="LLM_Pruner",
+                     sources=("mpt_utils.prune.structured.recovery",))
 def llm_pruner(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: dict | None = None,
                importance: str = "param_first", layer_start: int | None = None, layer_end: int | None = None,
                n_samples: int = 10, sample_len: int = 64, seed: int = 0,

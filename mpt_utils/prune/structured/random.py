@@ -29,7 +29,7 @@ from mpt_utils.prune.structured.surgery import (
 SCOPES = ("ffn", "all")
 
 
-@STRUCTURED.register("random", version=1)
+@STRUCTURED.register("random", version=1, display="Random", calibration=False)
 def random_prune(model: nn.Module, ratio: float, calib_ids: torch.Tensor | None = None, *, scope: str = "ffn",
                  cache: dict | None = None, seed: int = 0, device: str | torch.device | None = None,
                  progress: bool = True) -> dict:

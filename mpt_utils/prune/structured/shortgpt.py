@@ -56,7 +56,7 @@ def block_influence(model: nn.Module, calib_ids: torch.Tensor, device: str | tor
     return 1.0 - sums / counts.clamp_min(1)
 
 
-@STRUCTURED.register("shortgpt", version=1)
+@STRUCTURED.register("shortgpt", version=1, display="ShortGPT", calibration=True)
 def shortgpt(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: dict | None = None, seed: int = 0,
              device: str | torch.device | None = None, progress: bool = True) -> dict:
     """Remove round(ratio * n_blocks) blocks with the lowest Block Influence."""

@@ -105,7 +105,7 @@ def _check_barriers(n_layers: int, n_remove: int, early: int, latter: int) -> No
                        f"{latter} protected", "use a smaller ratio, or lower early_barrier / latter_barrier")
 
 
-@STRUCTURED.register("sleb", version=2)
+@STRUCTURED.register("sleb", version=2, display="SLEB", calibration=True)
 def sleb(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: dict | None = None, seed: int = 0,
          early_barrier: int = 1, latter_barrier: int = 1, device: str | torch.device | None = None,
          progress: bool = True) -> dict:

@@ -90,7 +90,8 @@ def _linear_from(weight: torch.Tensor, like: nn.Linear) -> nn.Linear:
 
 
 
-@STRUCTURED.register("slicegpt", version=2, sources=("mpt_utils.prune.structured.recovery",))
+@STRUCTURED.register("slicegpt", version=2, display="SliceGPT", calibration=True, paper_name="slicegpt",
+                     sources=("mpt_utils.prune.structured.recovery",))
 @torch.no_grad()
 def slicegpt(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: dict | None = None,
              round_to: int = 8, slice_head: bool = False, damp: float = 0.01, seed: int = 0,

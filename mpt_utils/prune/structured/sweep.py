@@ -19,7 +19,7 @@ from mpt_utils.data import calibration_windows
 from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.eval.paired import PairedEvaluator
 from mpt_utils.models import LoadedModel
-from mpt_utils.prune.structured import CALIBRATION_FREE, STRUCTURED, structured_prune
+from mpt_utils.prune.structured import STRUCTURED, structured_prune
 from mpt_utils.store import ResultsStore
 
 FAMILY = "structured"
@@ -51,9 +51,10 @@ class SweepSettings:
 
     def base_config(self, method: str, ratio: float) -> dict[str, Any]:
         cal = self.calib_slices.get(method, {})
+        free = not STRUCTURED.info(method).calibration
         return {"model": self.model, "method": method, "family": FAMILY, "ratio": float(ratio), "bits": None,
-                "seed": self.seed, "data": None if method in CALIBRATION_FREE else self.calib_data,
-                "seqlen": self.seqlen, "n_calib": None if method in CALIBRATION_FREE else self.n_calib,
+                "seed": self.seed, "data": None if free else self.calib_data,
+                "seqlen": self.seqlen, "n_calib": None if free else self.n_calib,
                 "calib_slice": cal or None, "options": self.options.get(method, {}), "device": self.device,
                 "max_eval_windows": self.max_eval_windows, "divergence_k": DIVERGENCE_K}
 
@@ -71,7 +72,7 @@ class _Lazy:
 
 
 def _calib(settings: SweepSettings, tokenizer, method: str, cache: dict) -> torch.Tensor | None:
-    if method in CALIBRATION_FREE:
+    if not STRUCTURED.info(method).calibration:
         return None
     key = ("calib", settings.calib_data, settings.n_calib, settings.seqlen, settings.seed)
     if key not in cache:
@@ -109,7 +110,7 @@ def structured_sweep(loaded: LoadedModel, store: ResultsStore, settings: SweepSe
     for method in methods:
         for ratio in (ratios[method] if isinstance(ratios, dict) else ratios):
             base = settings.base_config(method, ratio)
-            free = method in CALIBRATION_FREE
+            free = not STRUCTURED.info(method).calibration
 
             def build(method=method, ratio=ratio):
                 model = copy.deepcopy(dense)

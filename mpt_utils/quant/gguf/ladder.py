@@ -87,7 +87,7 @@ class GGUFBench:
 
 # The ladder's point kinds, versioned like every method: a "gguf" point's numbers come from the
 # export, llama.cpp's quantizer with our importance matrix, and this module's measurements.
-GGUF_STEPS: Registry = Registry("GGUF ladder step")
+GGUF_STEPS: Registry = Registry("GGUF ladder step", family="gguf")
 _EXPORT = "mpt_utils.quant.gguf.export"
 
 
@@ -96,8 +96,10 @@ def _config(gb: GGUFBench, scheme: str) -> dict:
             "kv_type": gb.kv_type, "imatrix": scheme in NEEDS_IMATRIX, "export": gb.export_dtype}
 
 
-@GGUF_STEPS.register("gguf", version=2, sources=(_EXPORT, "mpt_utils.quant.gguf.quantize",
-                                                  "mpt_utils.quant.gguf.imatrix"))
+# calibration-free as a method: only the importance-matrix schemes (quantize.NEEDS_IMATRIX) read the
+# workbench's dense calibration statistics
+@GGUF_STEPS.register("gguf", version=2, display="GGUF", calibration=False,
+                     sources=(_EXPORT, "mpt_utils.quant.gguf.quantize", "mpt_utils.quant.gguf.imatrix"))
 def gguf_point(store: ResultsStore, gb: GGUFBench, scheme: str, keep_files: bool = False,
                progress: bool = True) -> list[dict]:
     from mpt_utils.quant.gguf.fileinfo import read_gguf
@@ -131,7 +133,8 @@ def gguf_point(store: ResultsStore, gb: GGUFBench, scheme: str, keep_files: bool
     return store.get_or_compute(_config(gb, scheme), compute)
 
 
-@GGUF_STEPS.register("gguf-roundtrip", version=1, sources=(_EXPORT,))
+@GGUF_STEPS.register("gguf-roundtrip", version=1, display="GGUF round trip", calibration=False,
+                     sources=(_EXPORT,))
 def roundtrip_point(store: ResultsStore, gb: GGUFBench, progress: bool = True) -> list[dict]:
     """The exported GGUF (F32 unless export_dtype="f16") under llama.cpp vs the torch model on the
     same windows: the correctness anchor."""
