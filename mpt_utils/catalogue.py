@@ -22,6 +22,7 @@ from mpt_utils.errors import MPTError
 # The modules that define a family's registry; each registry then finds its own method modules.
 REGISTRY_MODULES = ("mpt_utils.prune", "mpt_utils.prune.structured", "mpt_utils.quant", "mpt_utils.lowrank",
                     "mpt_utils.quant.gguf.ladder", "mpt_utils.laws.prunenet")
+FAMILY_ORDER = ("prune", "structured", "quant", "lowrank", "gguf", "laws")  # listings and messages
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,11 @@ def load_all() -> dict[str, MethodInfo]:
 
 
 def families() -> list[str]:
-    """The families, in the order their registries were created (pruning first)."""
+    """The families with a registered method, in FAMILY_ORDER (pruning first) whatever order their
+    modules happened to be imported in."""
     load_all()
-    return list(dict.fromkeys(r.family for r in REGISTRIES if any(i.family == r.family for i in CATALOGUE.values())))
+    present = list(dict.fromkeys(i.family for i in CATALOGUE.values()))
+    return sorted(present, key=lambda f: FAMILY_ORDER.index(f) if f in FAMILY_ORDER else len(FAMILY_ORDER))
 
 
 def _pick(family: str | None) -> list[MethodInfo]:

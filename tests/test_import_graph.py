@@ -109,7 +109,6 @@ def test_new_modules_are_in_no_import_cycle():
         assert not set(NEW_MODULES) & set(component), f"import cycle: {' -> '.join(component)}"
 
 
-@pytest.mark.xfail(strict=False, reason="cycles that exist in older modules are reported, not fixed here")
 def test_no_import_cycles():
     found = cycles(import_graph())
     for component in found:
