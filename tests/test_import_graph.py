@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import mpt_utils
 
 ROOT = Path(mpt_utils.__file__).parent
