@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mpt_utils.errors import MPTError
+from mpt_utils.progress import progress_bar
 
 
 class _StopForward(Exception):
@@ -178,7 +178,7 @@ def layerwise(model: nn.Module, calib_ids: torch.Tensor, on_block: OnBlock, *, s
     model.eval()
     try:
         inputs, kwargs = capture_block_inputs(model, calib_ids, dev)
-        for i in tqdm(range(len(layers)), desc=desc, disable=not progress, leave=False):
+        for i in progress_bar(range(len(layers)), desc=desc, disable=not progress, leave=False):
             block = layers[i].to(dev)
             linears = {n: m for n, m in linear_layers(block).items() if layer_filter is None or layer_filter(n)}
             stats = {n: LayerStats(m.in_features, dev, keep_rows) for n, m in linears.items()}

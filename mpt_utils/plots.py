@@ -17,6 +17,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.lines import Line2D
 
+from mpt_utils.display import set_table_display
 from mpt_utils.ptp import COLLAPSE_PPL, NearLossless, PTPFit, collapsed
 
 COLLAPSED_LABEL = "collapsed (PPL = inf)"
@@ -27,7 +28,9 @@ HEADROOM = 3.0  # with collapsed points, the y axis ends this × above the large
 
 
 def set_paper_style(context: str = "paper", font_scale: float = 1.1) -> None:
-    """One look for every notebook: white grid, readable fonts, no top/right spines."""
+    """One look for every notebook: white grid, readable fonts, no top/right spines; tables print
+    their numbers for reading (`mpt_utils.display.set_table_display`)."""
+    set_table_display()
     sns.set_theme(context=context, style="whitegrid", font_scale=font_scale,
                   rc={"axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False,
                       "figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight"})

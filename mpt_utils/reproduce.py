@@ -11,6 +11,10 @@ other error while executing or exporting it marks that notebook failed with the 
 it executed (.ipynb + .html), and the run goes on. results.csv and index.html are always written,
 also after Ctrl-C. Exit codes: 0 all notebooks ok, 1 some failed, 2 bad input or a filesystem fault
 (one line on stderr), 130 Ctrl-C.
+
+Reports are fit to share: folders inside the repository reach the notebooks as repository-relative
+paths (no machine paths in the parameters cell), and progress bars go to this terminal (the newest
+line per notebook every few seconds, see `mpt_utils.progress`), not into the executed notebooks.
 """
 
 from __future__ import annotations
@@ -21,16 +25,33 @@ import html
 import os
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mpt_utils.errors import MPTError, cli_main, describe_os_error
+from mpt_utils.paths import RESULTS_ENV, portable_path, repo_root, results_path
 from mpt_utils.profiles_schema import ParamSpec, Profile, load_checked_profile, resolve_profile
+from mpt_utils.progress import PROGRESS_ENV, read_progress
 from mpt_utils.store import atomic_write_text
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = repo_root()
 NOTEBOOKS = REPO / "notebooks"
+PROGRESS_EVERY = 5.0  # seconds between two progress lines of a notebook on the terminal
+# The kernel's environment: the store_dir passed is the location, so $MPT_RESULTS (already applied to
+# --results) must not move it again; other libraries' bars are off (ours pass `disable` explicitly),
+# and so is tqdm's "IProgress not found" warning, whichever cell first imports tqdm.auto.
+KERNEL_ENV = {RESULTS_ENV: None, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+QUIET_WIDGETS = "ignore:IProgress not found"
+
+
+def kernel_env(progress_file: Path) -> dict[str, str | None]:
+    """The variables a notebook's kernel gets (None: unset), besides what this process has."""
+    warn = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), QUIET_WIDGETS) if w)
+    return {**KERNEL_ENV, "PYTHONWARNINGS": warn, PROGRESS_ENV: str(progress_file)}
 # Output storage is broken: every later notebook would fail the same way, so the run stops.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -100,6 +121,56 @@ def _first_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+@contextmanager
+def environment(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (None: unset) environment variables for the block; the kernel started inside inherits them."""
+    old = {k: os.environ.get(k) for k in values}
+
+    def apply(items: Mapping[str, str | None]) -> None:
+        for key, value in items.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    apply(values)
+    try:
+        yield
+    finally:
+        apply(old)
+
+
+@contextmanager
+def echo_progress(notebook: str, every: float | None = None) -> Iterator[Path]:
+    """A fresh progress file for `notebook` (yielded); while the block runs, its newest line is printed
+    as `[reproduce] <notebook>: <line>` when it changed, at most every `every` seconds."""
+    every = PROGRESS_EVERY if every is None else every
+    try:
+        fd, name = tempfile.mkstemp(prefix=f"mpt-progress-{notebook}.", suffix=".txt")
+        os.close(fd)
+    except OSError:  # no temp space: the bars are dropped, the notebook still runs
+        yield Path(os.devnull)
+        return
+    path, stop = Path(name), threading.Event()
+
+    def watch() -> None:
+        last = ""
+        while not stop.wait(every):
+            line = read_progress(path)
+            if line and line != last:
+                print(f"[reproduce] {notebook}: {line}", flush=True)
+                last = line
+
+    thread = threading.Thread(target=watch, name=f"progress-{notebook}", daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        thread.join()
+        path.unlink(missing_ok=True)
+
+
 def run_notebook(src: Path, out_dir: Path, params: dict[str, Any], kernel: str = "python3",
                  cwd: Path = REPO) -> dict[str, Any]:
     """Execute one notebook; never raises for what happens inside it. Returns its index row:
@@ -113,8 +184,9 @@ def run_notebook(src: Path, out_dir: Path, params: dict[str, Any], kernel: str =
     start = time.perf_counter()
     status, error, note, raised = "ok", "", "", None
     try:
-        papermill.execute_notebook(str(src), str(running), parameters=params, kernel_name=kernel,
-                                   cwd=str(cwd), progress_bar=False, log_output=False)
+        with echo_progress(src.stem) as progress, environment(kernel_env(progress)):
+            papermill.execute_notebook(str(src), str(running), parameters=params, kernel_name=kernel,
+                                       cwd=str(cwd), progress_bar=False, log_output=False)
     except papermill.PapermillExecutionError as err:  # papermill marks the failing cell itself
         status, error = "failed", _first_line(f"{err.ename}: {err.evalue}")
     except DeadKernelError as err:
@@ -185,6 +257,27 @@ def _finish(out_dir: Path, store_dir: Path, name: str, runs: list[dict[str, Any]
     return write_index(out_dir, name, runs, note)
 
 
+def notebook_parameters(profile: Profile, notebook: str, declared: Mapping[str, ParamSpec], store_dir: Path,
+                        figures_dir: Path, root: Path | None = None) -> dict[str, Any]:
+    """What papermill injects into `notebook`: the profile's values, then the driver's folders, kept to
+    the parameters the notebook declares. A folder inside the repository (`root`) is passed relative
+    to it (notebooks resolve it with `mpt_utils.paths.notebook_dirs`), so the executed notebook
+    names no machine path."""
+    dirs = {"store_dir": portable_path(store_dir, root), "figures_dir": portable_path(figures_dir, root),
+            "profile": profile.name}
+    return {k: v for k, v in {**profile.parameters(notebook), **dirs}.items() if k in declared}
+
+
+def summary_table(runs: list[dict[str, Any]], indent: str = "  ") -> str:
+    """Status and seconds of every notebook, one aligned line each, then the total seconds."""
+    width = max([len("notebook"), *(len(r["notebook"]) for r in runs)])
+    status = max([len("status"), *(len(r["status"]) for r in runs)])
+    lines = [f"{'notebook':<{width}}  {'status':<{status}}  {'seconds':>8}"]
+    lines += [f"{r['notebook']:<{width}}  {r['status']:<{status}}  {float(r['seconds']):8.1f}" for r in runs]
+    lines.append(f"{'total':<{width}}  {'':<{status}}  {sum(float(r['seconds']) for r in runs):8.1f}")
+    return "\n".join(indent + line.rstrip() for line in lines)
+
+
 def run_profile(profile: Profile, declared: dict[str, dict[str, ParamSpec]], notebooks_dir: Path,
                 out_dir: Path, store_dir: Path, kernel: str = "python3") -> tuple[list[dict[str, Any]], Path]:
     """Run the profile's selected notebooks into `out_dir`; returns the index rows and the index path.
@@ -192,13 +285,12 @@ def run_profile(profile: Profile, declared: dict[str, dict[str, ParamSpec]], not
     selected = profile.selected()
     for nb in selected:
         running_path(out_dir, nb).unlink(missing_ok=True)
-    dirs = {"store_dir": str(store_dir), "figures_dir": str(out_dir / "figures"), "profile": profile.name}
     runs: list[dict[str, Any]] = []
     note, stop = "", None
     started = time.perf_counter()
     try:
         for i, nb in enumerate(selected, 1):
-            params = {k: v for k, v in {**profile.parameters(nb), **dirs}.items() if k in declared[nb]}
+            params = notebook_parameters(profile, nb, declared[nb], store_dir, out_dir / "figures")
             print(f"[reproduce] {nb} ({i}/{len(selected)}) ...", flush=True)
             try:
                 run = run_notebook(notebooks_dir / f"{nb}.ipynb", out_dir, params, kernel=kernel)
@@ -227,6 +319,7 @@ def run_profile(profile: Profile, declared: dict[str, dict[str, ParamSpec]], not
         if stop is not None:
             raise stop from None  # the first fault is the one to report
         raise
+    print(f"[reproduce] summary\n{summary_table(runs)}", flush=True)
     print(f"[reproduce] {len(selected)} notebook(s) in {time.perf_counter() - started:.1f} s; reports: {index}",
           flush=True)
     if isinstance(stop, KeyboardInterrupt):
@@ -242,7 +335,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--profile", default="embedded", help="built-in profile name or path to a JSON profile")
     parser.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to run")
     parser.add_argument("--reports", default=str(REPO / "reports"))
-    parser.add_argument("--results", default=str(REPO / "results"))
+    parser.add_argument("--results", default=str(results_path()),
+                        help="results store root (default: $MPT_RESULTS, else results/ of the repository)")
     parser.add_argument("--notebooks", default=str(NOTEBOOKS), help="folder of the notebooks to run")
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel name")
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import nbformat
@@ -11,7 +12,8 @@ import pytest
 
 from mpt_utils import reproduce
 from mpt_utils.errors import MPTError
-from mpt_utils.profiles_schema import check_profile, param_spec, resolve_profile
+from mpt_utils.profiles_schema import check_profile, declared_parameters, param_spec, resolve_profile
+from mpt_utils.progress import PROGRESS_ENV
 
 REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -96,7 +98,106 @@ def test_dead_kernel_is_a_failure_and_the_run_goes_on(tiny, capsys):
     assert not list(out.glob(".*.running.ipynb"))
 
 
+def test_progress_reaches_the_terminal_not_the_report(tiny, monkeypatch, capsys):
+    make_notebook(tiny["notebooks"], "a_first", 'store_dir = "s"\nfigures_dir = "f"\nprofile = "p"\nvalue = 1',
+                  "import time\nimport tqdm.auto\nfrom mpt_utils.progress import progress_bar\n"
+                  "for _ in progress_bar(range(8), desc='sweep', mininterval=0):\n    time.sleep(0.1)")
+    monkeypatch.setattr(reproduce, "PROGRESS_EVERY", 0.05)
+    assert reproduce.main([*tiny["args"], "--only", "a_first"]) == 0
+    out = capsys.readouterr().out
+    assert "[reproduce] a_first: sweep " in out and "/8 [" in out
+    executed = nbformat.read(tiny["out"] / "a_first.ipynb", as_version=4)
+    streams = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in streams if o.get("name") == "stderr"], streams  # no bar, no IProgress warning
+
+
 # ---------------------------------------------------------------- driver logic (papermill stubbed)
+
+
+def test_parameters_name_no_machine_path_inside_the_repository(tmp_path):
+    profile = resolve_profile("embedded")
+    repo = reproduce.REPO
+    for nb in profile.selected():
+        declared = declared_parameters(REPO_NOTEBOOKS / f"{nb}.ipynb")
+        params = reproduce.notebook_parameters(profile, nb, declared, repo / "results" / "embedded",
+                                               repo / "reports" / "embedded" / "figures")
+        assert params["store_dir"] == "results/embedded", nb
+        assert params["figures_dir"] == "reports/embedded/figures", nb
+        assert set(params) <= set(declared)
+        text = json.dumps(params)
+        assert str(repo) not in text and '"/' not in text, nb
+    outside = reproduce.notebook_parameters(profile, "01_dense_baseline", declared_parameters(
+        REPO_NOTEBOOKS / "01_dense_baseline.ipynb"), tmp_path / "store", tmp_path / "figures")
+    assert outside["store_dir"] == str((tmp_path / "store").resolve())  # outside: where it really is
+
+
+def test_the_kernel_environment(tiny, monkeypatch, capsys):
+    import papermill
+
+    seen = {}
+
+    def execute(src, out, parameters=None, **_):
+        seen[Path(src).stem] = (dict(parameters), {k: os.environ.get(k) for k in
+                                                   (PROGRESS_ENV, "MPT_RESULTS", "TQDM_DISABLE", "PYTHONWARNINGS")})
+        from mpt_utils.progress import progress_bar
+
+        bar = progress_bar(total=49, desc="sparsegpt 0.6")
+        bar.update(12)
+        bar.refresh()
+        time.sleep(0.3)
+        shutil.copy(src, out)
+
+    monkeypatch.setenv("MPT_RESULTS", "/somewhere/else")
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    monkeypatch.setattr(reproduce, "PROGRESS_EVERY", 0.05)
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    assert reproduce.main(tiny["args"]) == 0
+    params, env = seen["b_second"]
+    assert params["store_dir"] == str((tiny["root"] / "results" / "tiny").resolve())  # outside the repo
+    assert env["MPT_RESULTS"] is None and env["TQDM_DISABLE"] == "1"  # store_dir is the location as given
+    assert env["PYTHONWARNINGS"].endswith("ignore:IProgress not found")
+    assert env[PROGRESS_ENV] and not Path(env[PROGRESS_ENV]).exists()  # removed after the notebook
+    assert len({e[PROGRESS_ENV] for _, e in seen.values()}) == 3  # one file per notebook
+    assert os.environ["MPT_RESULTS"] == "/somewhere/else" and PROGRESS_ENV not in os.environ  # restored
+    out = capsys.readouterr().out
+    assert "[reproduce] b_second: sparsegpt 0.6 12/49 [" in out
+    summary = out[out.index("[reproduce] summary"):].splitlines()
+    assert summary[1].split() == ["notebook", "status", "seconds"]
+    assert [line.split()[:2] for line in summary[2:5]] == [["a_first", "ok"], ["b_second", "ok"], ["c_third", "ok"]]
+    assert summary[5].split()[0] == "total"
+    assert "b_second: ok in" in out  # the per-notebook lines stay
+
+
+def test_summary_table():
+    runs = [{"notebook": "00_phase_transition_fits", "status": "ok", "seconds": 14.93},
+            {"notebook": "01_dense_baseline", "status": "failed", "seconds": 2},
+            {"notebook": "02_unstructured_pruning", "status": "not run", "seconds": 0}]
+    lines = reproduce.summary_table(runs).splitlines()
+    assert lines == ["  notebook                  status    seconds",
+                     "  00_phase_transition_fits  ok           14.9",
+                     "  01_dense_baseline         failed        2.0",
+                     "  02_unstructured_pruning   not run       0.0",
+                     "  total                                  16.9"]
+
+
+def test_echo_progress_prints_changes_only(monkeypatch, capsys):
+    with reproduce.echo_progress("nb", every=0.02) as path:
+        path.write_text("step 1/3\n")
+        time.sleep(0.15)
+        path.write_text("step 2/3\n")
+        time.sleep(0.15)
+    assert not path.exists()
+    assert capsys.readouterr().out.splitlines() == ["[reproduce] nb: step 1/3", "[reproduce] nb: step 2/3"]
+
+
+def test_no_temp_space_drops_the_bars_not_the_notebook(monkeypatch):
+    def no_space(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reproduce.tempfile, "mkstemp", no_space)
+    with reproduce.echo_progress("nb", every=0.01) as path:
+        assert path == Path(os.devnull)
+    assert Path(os.devnull).exists()
 
 
 def test_missing_partial_notebook_still_gives_a_report(tiny, monkeypatch):

@@ -56,11 +56,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.perplexity import standard_error, window_ids
 from mpt_utils.models import check_seqlen, pick_device
+from mpt_utils.progress import progress_bar
 
 DENSE_DIR = "dense_logits"  # folder under the results store root holding cached dense references
 DEFAULT_K = 64
@@ -209,8 +209,8 @@ def dense_reference(model: torch.nn.Module, ids: torch.Tensor, seqlen: int, max_
     vocab = 0
     start = time.perf_counter()
     try:
-        for i in tqdm(range(0, windows.size(0), batch_size), desc="dense reference", disable=not progress,
-                      leave=False):
+        for i in progress_bar(range(0, windows.size(0), batch_size), desc="dense reference", disable=not progress,
+                              leave=False):
             batch = windows[i : i + batch_size].to(dev)
             logits = model(input_ids=batch, use_cache=False).logits
             vocab = logits.size(-1)
@@ -336,7 +336,7 @@ def _torch_positions(model: torch.nn.Module, reference: DenseReference, batch_si
     model.eval()
     parts = []
     try:
-        for i in tqdm(range(0, reference.n_windows, batch_size), desc=desc, disable=not progress, leave=False):
+        for i in progress_bar(range(0, reference.n_windows, batch_size), desc=desc, disable=not progress, leave=False):
             ref = reference.compact(i, i + batch_size)
             logits = model(input_ids=ref["windows"].to(dev), use_cache=False).logits
             if logits.size(-1) != reference.vocab_size:

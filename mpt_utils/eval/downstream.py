@@ -270,11 +270,11 @@ class TorchScorer(_ScorerLM):
 
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        from tqdm.auto import tqdm
+        from mpt_utils.progress import progress_bar
 
         groups = sorted(self._groups(requests), key=lambda g: -(len(g[0]) + sum(len(k) for _, k in g[1])))
         results: dict[int, tuple[float, bool]] = {}
-        for start in tqdm(range(0, len(groups), self.batch_size), disable=disable_tqdm or not self.show_progress, desc="mpt scorer"):
+        for start in progress_bar(range(0, len(groups), self.batch_size), disable=disable_tqdm or not self.show_progress, desc="mpt scorer"):
             batch = groups[start : start + self.batch_size]
             forward = self._forward_packed if self._packable(batch) else self._forward_plain
             for i, ll, greedy in forward(batch):
@@ -324,14 +324,14 @@ class LlamaCppScorer(_ScorerLM):
         return self.llama.tokenize(string.encode("utf-8"), add_bos=add_bos, special=True)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        from tqdm.auto import tqdm
+        from mpt_utils.progress import progress_bar
 
         llama = self.llama
         llama.reset()
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: requests[i][1] + requests[i][2])
-        for i in tqdm(order, disable=disable_tqdm or not self.show_progress,
-                      desc="llama.cpp scorer"):
+        for i in progress_bar(order, disable=disable_tqdm or not self.show_progress,
+                              desc="llama.cpp scorer"):
             _, ctx, cont = requests[i]
             whole = (ctx + cont)[-(self.max_length + 1):]
             inp = whole[:-1]
@@ -374,7 +374,7 @@ def _quiet_lm_eval(progress: bool, level: int = logging.ERROR) -> Iterator[None]
     import functools
     import importlib
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
     old = [lg.level for lg in loggers]

@@ -17,12 +17,12 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.divergence import DenseReference
 from mpt_utils.eval.perplexity import PerplexityResult, nll_from_logits, window_ids
 from mpt_utils.native import in_child, run_isolated
+from mpt_utils.progress import progress_bar
 
 KV_TYPES = {"f32": 0, "f16": 1}  # ggml type ids for the KV cache
 
@@ -74,7 +74,7 @@ def _window_nll(path: str, windows: torch.Tensor, n_threads: int | None, kv_type
     sums = torch.zeros(windows.size(0), dtype=torch.float64)
     start = time.perf_counter()
     try:
-        for i, window in enumerate(tqdm(windows, desc=desc, disable=not progress, leave=False)):
+        for i, window in enumerate(progress_bar(windows, desc=desc, disable=not progress, leave=False)):
             sums[i] = nll_from_logits(_window_logits(llm, window), window.unsqueeze(0))[0]
         return sums, time.perf_counter() - start
     finally:
@@ -97,7 +97,7 @@ def _window_divergence(path: str, reference: dict[str, torch.Tensor], vocab_size
     parts = []
     start = time.perf_counter()
     try:
-        for i in tqdm(range(windows.size(0)), desc=desc, disable=not progress, leave=False):
+        for i in progress_bar(range(windows.size(0)), desc=desc, disable=not progress, leave=False):
             ref = {name: value[i : i + 1] for name, value in reference.items()}
             parts.append(position_stats(_window_logits(llm, windows[i]), ref))
         return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}, time.perf_counter() - start

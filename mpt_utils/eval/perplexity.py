@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from mpt_utils.errors import MPTError
 from mpt_utils.models import check_seqlen, pick_device
+from mpt_utils.progress import progress_bar
 
 
 @dataclass
@@ -101,7 +101,7 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, seqlen: int = 2048, ba
     model.eval()
     sums = []
     start = time.perf_counter()
-    for i in tqdm(range(0, windows.size(0), batch_size), desc=desc, disable=not progress, leave=False):
+    for i in progress_bar(range(0, windows.size(0), batch_size), desc=desc, disable=not progress, leave=False):
         batch = windows[i : i + batch_size].to(dev)
         logits = model(input_ids=batch, use_cache=False).logits
         sums.append(nll_from_logits(logits, batch).cpu())

@@ -33,7 +33,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mpt_utils.calibration import LayerStats, collect_stats, decoder_layers
 from mpt_utils.errors import MPTError
@@ -42,6 +41,7 @@ from mpt_utils.lowrank import LOWRANK
 from mpt_utils.lowrank.factorized import Factorization, LowRankPlan, get_module, set_module, target_linears
 from mpt_utils.lowrank.ranks import allocate_by_sensitivity, rank_for_ratio
 from mpt_utils.lowrank.svd import scaled_svd
+from mpt_utils.progress import progress_bar
 
 GRANULARITIES = ("linear", "part", "block")
 # reductions; the reference's param_ratio_candidates [0.4, ..., 0.9] are the kept fractions 1 - these
@@ -162,7 +162,7 @@ def sensitivity(model: nn.Module, facts: Mapping[str, Factorization], groups: Ma
     starts = {g: first_block(names) for g, names in groups.items()}
     table: dict[str, dict[float, float]] = {}
     jobs = [(g, c) for g in groups for c in candidates]
-    for g, c in tqdm(jobs, desc="ASVD sensitivity", disable=not progress, leave=False):
+    for g, c in progress_bar(jobs, desc="ASVD sensitivity", disable=not progress, leave=False):
         with _compressed(model, facts, groups[g], c):
             table.setdefault(g, {})[float(c)] = tail.ppl(starts[g])
     return table, tail.base
@@ -208,7 +208,7 @@ def plan_asvd(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
         raise MPTError(f"no calibration statistics for {missing[0]} (and {len(missing) - 1} more)",
                        "collect stats on the same model")
     facts = {n: scaled_svd(lin.weight, lin.bias, diag=activation_scale(stats[n], alpha), device=dev)
-             for n, lin in tqdm(linears.items(), desc="asvd SVDs", disable=not progress, leave=False)}
+             for n, lin in progress_bar(linears.items(), desc="asvd SVDs", disable=not progress, leave=False)}
     block_names = [n for n, b in model.named_modules() if any(b is m for m in decoder_layers(model))]
     groups: dict[str, list[str]] = {}
     for n in linears:

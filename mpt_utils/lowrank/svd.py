@@ -67,11 +67,11 @@ def scaled_svd(weight: torch.Tensor, bias: torch.Tensor | None = None, *, diag: 
 def uniform_plan(method: str, model: nn.Module, factorize, *, layer_filter=None, progress: bool = True,
                  info: dict | None = None) -> LowRankPlan:
     """A plan whose ratio is the same parameter reduction in every decomposed linear."""
-    from tqdm.auto import tqdm
+    from mpt_utils.progress import progress_bar
 
     linears = target_linears(model, layer_filter)
     facts = {name: factorize(name, lin) for name, lin in
-             tqdm(linears.items(), desc=f"{method} SVDs", disable=not progress, leave=False)}
+             progress_bar(linears.items(), desc=f"{method} SVDs", disable=not progress, leave=False)}
     shapes = {n: (lin.out_features, lin.in_features) for n, lin in linears.items()}
     return LowRankPlan(method, facts, lambda ratio: uniform_ranks(shapes, ratio), info)
 

@@ -40,7 +40,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mpt_utils.calibration import LayerStats, collect_stats, decoder_layers, layerwise
 from mpt_utils.errors import MPTError
@@ -59,6 +58,7 @@ from mpt_utils.lowrank.factorized import (
 )
 from mpt_utils.lowrank.ranks import uniform_ranks
 from mpt_utils.lowrank.svd import scaled_svd
+from mpt_utils.progress import progress_bar
 
 UPDATES = ("lora", "closed_form", "none")
 
@@ -152,7 +152,7 @@ def plan_svd_llm(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
     if missing:
         raise MPTError(f"no calibration statistics for {missing[0]}", "collect stats on the same model")
     facts = {n: whitened_svd(lin, stats[n], dev, damp)
-             for n, lin in tqdm(linears.items(), desc="svd_llm SVDs", disable=not progress, leave=False)}
+             for n, lin in progress_bar(linears.items(), desc="svd_llm SVDs", disable=not progress, leave=False)}
     shapes = {n: (lin.out_features, lin.in_features) for n, lin in linears.items()}
     return SVDLLMPlan(facts, lambda ratio: uniform_ranks(shapes, ratio), calib_ids, dev, layer_filter, progress,
                       update, budget)

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mpt_utils.calibration import decoder_layers
 from mpt_utils.errors import MPTError
+from mpt_utils.progress import progress_bar
 from mpt_utils.prune.structured import STRUCTURED, cached, model_device
 from mpt_utils.prune.structured.surgery import (
     channel_params,
@@ -71,7 +71,7 @@ def _grads(model: nn.Module, calib_ids: torch.Tensor, second_order: bool, device
     was_training = model.training
     model.eval()  # no dropout: the gradient of the deployed function
     try:
-        for window in tqdm(calib_ids, desc="taylor grads", disable=not progress, leave=False):
+        for window in progress_bar(calib_ids, desc="taylor grads", disable=not progress, leave=False):
             model.zero_grad(set_to_none=True)
             ids = window.unsqueeze(0).to(dev)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss

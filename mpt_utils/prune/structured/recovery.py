@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from mpt_utils.errors import MPTError
+from mpt_utils.progress import progress_bar
 from mpt_utils.prune.structured import model_device
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -139,7 +139,7 @@ def train_lora(model: nn.Module, train_ids: torch.Tensor, modules: Sequence[str]
     start = time.perf_counter()
     model.train()
     try:
-        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        for step in progress_bar(range(steps), desc=desc, disable=not progress, leave=False):
             rows = batches[step]
             total = 0.0
             for chunk in rows.split(micro_batch_size):  # gradient accumulation: the batch-mean loss

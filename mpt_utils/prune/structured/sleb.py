@@ -21,11 +21,11 @@ import warnings
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mpt_utils.calibration import capture_block_inputs, decoder_layers
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.perplexity import nll_from_logits
+from mpt_utils.progress import progress_bar
 from mpt_utils.prune.structured import STRUCTURED, model_device
 from mpt_utils.prune.structured.surgery import drop_blocks
 
@@ -66,7 +66,7 @@ def removal_order(model: nn.Module, calib_ids: torch.Tensor, n_remove: int, pref
     removed = list(prefix or [])
     per_block = sum(x.numel() * x.element_size() for x in inputs)
     keep_cache = per_block * len(layers) <= CACHE_BYTES
-    bar = tqdm(total=n_remove, initial=min(len(removed), n_remove), desc="SLEB", disable=not progress, leave=False)
+    bar = progress_bar(total=n_remove, initial=min(len(removed), n_remove), desc="SLEB", disable=not progress, leave=False)
     try:
         while len(removed) < n_remove:
             alive = [j for j in range(len(layers)) if j not in removed]

@@ -28,10 +28,10 @@ import warnings
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mpt_utils.calibration import LayerStats, capture_block_inputs, decoder_layers
 from mpt_utils.errors import MPTError
+from mpt_utils.progress import progress_bar
 from mpt_utils.prune.structured import STRUCTURED, model_device
 from mpt_utils.prune.structured.surgery import (
     FusedRMSNorm,
@@ -132,7 +132,7 @@ def slicegpt(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, cache: 
     inputs = [(x.double() @ q[:, :d_new].to(x.device)).to(dt) for x in inputs]
 
     d_out = d_new
-    for i in tqdm(range(len(layers)), desc="SliceGPT", disable=not progress, leave=False):
+    for i in progress_bar(range(len(layers)), desc="SliceGPT", disable=not progress, leave=False):
         layer = to_sliced_layer(layers[i], d, eps)
         layers[i] = layer
         attn, mlp = layer.self_attn, layer.mlp
