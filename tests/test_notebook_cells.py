@@ -8,8 +8,6 @@ import pytest
 from mpt_utils.profiles_schema import declared_parameters
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
-# edited on another branch, where their setup cells get the same one-line resolution
-RESOLVED_ELSEWHERE = {"08_combined_compression", "09_phase_avoidance_planner"}
 
 
 def code_cells(path: Path) -> list:
@@ -28,9 +26,7 @@ def test_parameters_cell(path):
     assert {"store_dir", "figures_dir", "profile"} <= set(declared_parameters(path))
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="setup cell edited on another branch"))
-    if p.stem in RESOLVED_ELSEWHERE else p for p in NOTEBOOKS], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_setup_cell_resolves_the_folders_before_using_them(path):
     setup = code_cells(path)[1].source
     resolve = "store_dir, figures_dir = notebook_dirs(store_dir, figures_dir)"
