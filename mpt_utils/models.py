@@ -296,6 +296,10 @@ def _load(spec: str, dev: torch.device, dtype: str | torch.dtype | None) -> Load
     if path.is_dir():
         if not (path / "config.json").exists():
             raise MPTError(f"{path} is a directory without config.json", "pass a saved HF model directory")
+        from mpt_utils.save import SUITE_WEIGHTS, load_compressed
+
+        if (path / SUITE_WEIGHTS).exists():  # the suite's own layout (low rank, per-layer shapes)
+            return load_compressed(path, dev, torch_dtype)
         if '"mpt_structure"' in (path / "config.json").read_text(encoding="utf-8"):
             from mpt_utils.prune.structured.surgery import load_pruned  # per-layer shapes beyond HF config
 

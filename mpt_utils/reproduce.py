@@ -12,16 +12,17 @@ it executed (.ipynb + .html), and the run goes on. results.csv and index.html ar
 also after Ctrl-C. Exit codes: 0 all notebooks ok, 1 some failed, 2 bad input or a filesystem fault
 (one line on stderr), 130 Ctrl-C.
 
-Reports are fit to share: folders inside the repository reach the notebooks as repository-relative
-paths (no machine paths in the parameters cell), and progress bars go to this terminal (the newest
-line per notebook every few seconds, see `mpt_utils.progress`), not into the executed notebooks.
+index.html lists per notebook its status, time, key numbers (its computed conclusion) and figures,
+all linked relatively (`mpt_utils.report_index`). Reports are fit to share: folders inside the
+repository reach the notebooks as repository-relative paths (no machine paths in the parameters
+cell), and progress bars go to this terminal (the newest line per notebook every few seconds, see
+`mpt_utils.progress`), not into the executed notebooks.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import html
 import os
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from mpt_utils.errors import MPTError, cli_main, describe_os_error
 from mpt_utils.paths import RESULTS_ENV, portable_path, repo_root, results_path
 from mpt_utils.profiles_schema import ParamSpec, Profile, load_checked_profile, resolve_profile
 from mpt_utils.progress import PROGRESS_ENV, read_progress
+from mpt_utils.report_index import write_index
 from mpt_utils.store import atomic_write_text
 
 REPO = repo_root()
@@ -171,16 +173,26 @@ def echo_progress(notebook: str, every: float | None = None) -> Iterator[Path]:
         path.unlink(missing_ok=True)
 
 
+def _figure_stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of each PNG in `folder`: what a notebook wrote shows as a changed stamp."""
+    try:
+        return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.glob("*.png")}
+    except OSError:
+        return {}
+
+
 def run_notebook(src: Path, out_dir: Path, params: dict[str, Any], kernel: str = "python3",
                  cwd: Path = REPO) -> dict[str, Any]:
     """Execute one notebook; never raises for what happens inside it. Returns its index row:
-    status "ok", "failed" or "interrupted" (Ctrl-C), with the reason in `error`. A storage fault
-    (disk full, read-only) is raised after the partial notebook is kept where possible."""
+    status "ok", "failed" or "interrupted" (Ctrl-C), with the reason in `error`, and the figures it
+    wrote into out_dir/figures. A storage fault (disk full, read-only) is raised after the partial
+    notebook is kept where possible."""
     import papermill
     from nbclient.exceptions import DeadKernelError
 
     out_nb, running = out_dir / src.name, running_path(out_dir, src.stem)
     running.unlink(missing_ok=True)  # stale, from a run that was killed
+    figures_before = _figure_stamps(out_dir / "figures")
     start = time.perf_counter()
     status, error, note, raised = "ok", "", "", None
     try:
@@ -211,36 +223,13 @@ def run_notebook(src: Path, out_dir: Path, params: dict[str, Any], kernel: str =
             html_name = ""
     row = {"notebook": src.stem, "status": status, "error": error,
            "seconds": round(time.perf_counter() - start, 1), "ipynb": out_nb.name if out_nb.exists() else "",
-           "html": html_name}
+           "html": html_name,
+           "figures": [f"figures/{name}" for name, stamp in sorted(_figure_stamps(out_dir / "figures").items())
+                       if figures_before.get(name) != stamp]}
     if raised is not None:
         raised.mpt_row = row  # type: ignore[attr-defined]  # the caller still lists it in the index
         raise raised
     return row
-
-
-def write_index(out_dir: Path, profile: str, runs: list[dict[str, Any]], note: str = "") -> Path:
-    def link(name: str, text: str) -> str:
-        return f"<a href='{html.escape(name)}'>{html.escape(text)}</a>" if name else html.escape(text)
-
-    rows = "\n".join(
-        f"<tr><td>{link(r['html'], r['notebook'])}</td><td>{link(r['ipynb'], 'ipynb' if r['ipynb'] else '')}</td>"
-        f"<td>{html.escape(r['status'])}</td><td>{r['seconds']}</td><td>{html.escape(r['error'])}</td></tr>"
-        for r in runs)
-    figures = sorted((out_dir / "figures").glob("*.png"))
-    thumbs = "\n".join(f"<figure><img src='figures/{html.escape(f.name)}' width='420'>"
-                       f"<figcaption>{html.escape(f.stem)}</figcaption></figure>" for f in figures)
-    counts = ", ".join(f"{sum(r['status'] == s for r in runs)} {s}" for s in dict.fromkeys(r["status"] for r in runs))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>MPT reports ({html.escape(profile)})</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 10px}"
-            "figure{display:inline-block;margin:8px}</style></head><body>"
-            f"<h1>MPT suite reports: profile <code>{html.escape(profile)}</code></h1>"
-            f"<p>{html.escape(counts)}{'. ' + html.escape(note) if note else ''}</p>"
-            "<table><tr><th>notebook</th><th>executed</th><th>status</th><th>seconds</th><th>error</th></tr>"
-            f"{rows}</table><p>Tidy results: <a href='results.csv'>results.csv</a></p>"
-            f"<h2>Figures</h2>{thumbs}</body></html>")
-    index = out_dir / "index.html"
-    atomic_write_text(index, page)
-    return index
 
 
 def _finish(out_dir: Path, store_dir: Path, name: str, runs: list[dict[str, Any]], note: str) -> Path:

