@@ -88,7 +88,7 @@ def _runs(family: str, name: str, model) -> None:
     elif family == "quant":
         from mpt_utils.quant import quantize
 
-        quantize(model, name, bits=4, progress=False)
+        quantize(model, name, bits=method_info(name).traits.get("fixed_bits") or 4, progress=False)
     else:
         from mpt_utils.lowrank import decompose
 
