@@ -3,6 +3,7 @@ decomposed int8 matmul; their storage and how the sweep and Table 4 take them.""
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -193,3 +194,24 @@ def test_llm_int8_user_errors():
     with pytest.raises(MPTError, match="did you mean 'threshold'"):
         quantize(model, "llm_int8", bits=8, treshold=5.0)
 
+
+def test_sweep_runs_fixed_formats_once_at_their_own_width(tmp_path):
+    from mpt_utils.quant import report
+    from mpt_utils.quant.sweep import Setup, Workbench, sweep
+    from mpt_utils.store import ResultsStore
+
+    setup = Setup(model="tiny-llama", eval_data="embedded-wiki", calib_data="embedded-wiki", seqlen=32, n_calib=2,
+                  max_windows=2)
+    loaded = tiny_model("llama")
+    bench = Workbench(setup, loader=lambda: loaded)
+    store = ResultsStore(tmp_path)
+    rows = sweep(store, bench, ["rtn"], [4, 8], smoothquant_alpha=None, fixed_width=["nf4", "llm_int8"],
+                 progress=False)
+    ppl = rows[rows.metric == "ppl"].set_index("method")
+    assert ppl.loc["nf4", "bits"] == 4 and ppl.loc["llm_int8", "bits"] == 8
+    assert ppl.loc["nf4", "scheme"] == "NF4 g64" and ppl.loc["llm_int8", "scheme"] == "LLM.int8()"
+    t4 = report.table4(rows, bits=(4, 8))
+    assert list(t4.index) == ["RTN", "NF4", "LLM.int8()"]
+    assert pd.isna(t4.loc["NF4", "8 bits"]) and pd.isna(t4.loc["LLM.int8()", "4 bits"])
+    with pytest.raises(MPTError, match="not a fixed-width quantizer"):
+        sweep(store, bench, [], [], smoothquant_alpha=None, fixed_width=["rtn"], progress=False)
