@@ -20,7 +20,7 @@ from mpt_utils.quant import GRID, QUANTIZERS
 from mpt_utils.quant._blockwise import quantize_codebook
 
 
-@QUANTIZERS.register("fp4", version=1, display="FP4", calibration=False, fixed_bits=4,
+@QUANTIZERS.register("fp4", version=1, display="FP4", calibration=False, fixed_bits=4, paper_name="QLoRA_FP4",
                      sources=("mpt_utils.quant._blockwise", *GRID))
 def fp4(model: nn.Module, *, bits: int = 4, group_size: int | None = 64, sym: bool = True,
         calib_ids=None, device: str | None = None, progress: bool = True, double_quant: bool = True):
