@@ -181,3 +181,10 @@ def test_a_method_versioned_in_its_config_stays_out_of_the_store_inputs():
     assert info.version_in_config and not info.calibration and info.family == "laws"
     assert config_versions({"method": "random_prunenet", "method_version": info.version}) == {}
     assert config_versions({"method": "slicegpt"}) == {"slicegpt": method_info("slicegpt").version}
+
+
+def test_readme_methods_table_lists_every_method():
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Methods\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| [^|]+ \| `([\w-]+)` \|", section, re.M))
+    assert listed == {i.name for i in load_all().values()} - {"gguf-roundtrip"}  # the round trip is a check
