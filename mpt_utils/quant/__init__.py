@@ -1,4 +1,5 @@
-"""Quantization family: simulated torch methods (RTN, GPTQ, AWQ, SmoothQuant) and real GGUF files.
+"""Quantization family: simulated torch methods (RTN, GPTQ, AWQ, SmoothQuant; the fixed formats NF4,
+FP4 and LLM.int8()) and real GGUF files.
 
 Every torch quantizer has one signature and quantizes the decoder-block linears in place:
 
