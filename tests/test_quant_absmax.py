@@ -215,3 +215,19 @@ def test_sweep_runs_fixed_formats_once_at_their_own_width(tmp_path):
     assert pd.isna(t4.loc["NF4", "8 bits"]) and pd.isna(t4.loc["LLM.int8()", "4 bits"])
     with pytest.raises(MPTError, match="not a fixed-width quantizer"):
         sweep(store, bench, [], [], smoothquant_alpha=None, fixed_width=["rtn"], progress=False)
+
+
+def test_save_refuses_llm_int8_activations_unless_asked(tmp_path):
+    from mpt_utils.save import save_compressed
+
+    loaded = tiny_model("llama")
+    model = copy.deepcopy(loaded.model)
+    quantize(model, "llm_int8", bits=8, progress=False)
+    with pytest.raises(MPTError, match="activation quantization"):
+        save_compressed(model, None, tmp_path / "int8")
+    saved = save_compressed(model, None, tmp_path / "int8", ignore_hooks=True)  # the int8 weights alone
+    back = saved.path / "model.safetensors"
+    assert back.exists()
+    nf4 = copy.deepcopy(loaded.model)
+    quantize(nf4, "nf4", bits=4, progress=False)
+    save_compressed(nf4, None, tmp_path / "nf4")  # weight-only: a plain folder

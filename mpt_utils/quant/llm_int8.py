@@ -52,6 +52,8 @@ class Int8MixedLinear(nn.Linear):
     """A linear whose forward is LLM.int8()'s decomposed matmul. `weight` holds the de-quantized int8
     weight (what every reader of the model sees); the codes and row absmax are buffers."""
 
+    quantizes_activations = True  # its forward is more than its weights: a checkpoint cannot hold it
+
     def __init__(self, linear: nn.Linear, threshold: float, fp16_weights: bool):
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
                          device="meta")
