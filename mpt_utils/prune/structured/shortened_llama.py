@@ -30,11 +30,11 @@ import warnings
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mpt_utils.calibration import capture_block_inputs, decoder_layers
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.perplexity import nll_from_logits
+from mpt_utils.progress import progress_bar
 from mpt_utils.prune.structured import STRUCTURED, cached, model_device
 from mpt_utils.prune.structured.sleb import _head, _run
 from mpt_utils.prune.structured.surgery import drop_blocks
@@ -56,7 +56,7 @@ def ppl_scores(model: nn.Module, samples: torch.Tensor, device: str | torch.devi
         xs, kwargs = capture_block_inputs(model, samples, dev)
         n_tokens = samples.shape[0] * (samples.shape[1] - 1)
         scores = torch.empty(len(layers), dtype=torch.float64)
-        for j in tqdm(range(len(layers)), desc="Shortened LLaMA PPL", disable=not progress, leave=False):
+        for j in progress_bar(range(len(layers)), desc="Shortened LLaMA PPL", disable=not progress, leave=False):
             rest = list(range(j + 1, len(layers)))
             nll = sum(float(nll_from_logits(head(_run(layers, rest, x, kwargs)), w.unsqueeze(0)).sum())
                       for x, w in zip(xs, samples))
@@ -83,7 +83,7 @@ def taylor_scores(model: nn.Module, samples: torch.Tensor, batch_size: int = 10,
         p.requires_grad_(True)
     salience = [[torch.zeros_like(p, dtype=torch.float32) for p in block] for block in params]
     try:
-        for batch in tqdm(samples.split(batch_size), desc="Shortened LLaMA Taylor", disable=not progress,
+        for batch in progress_bar(samples.split(batch_size), desc="Shortened LLaMA Taylor", disable=not progress,
                           leave=False):
             batch = batch.to(dev)
             with torch.enable_grad():

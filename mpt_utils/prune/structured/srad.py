@@ -20,9 +20,9 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mpt_utils.calibration import decoder_layers
+from mpt_utils.progress import progress_bar
 from mpt_utils.prune.structured import STRUCTURED, cached, model_device
 from mpt_utils.prune.structured.surgery import drop_blocks
 
@@ -52,7 +52,7 @@ def boundary_states(model: nn.Module, calib_ids: torch.Tensor, device: str | tor
     was_training = model.training
     model.eval()
     try:
-        for window in tqdm(calib_ids, desc="SRAD distances", disable=not progress, leave=False):
+        for window in progress_bar(calib_ids, desc="SRAD distances", disable=not progress, leave=False):
             model(input_ids=window.unsqueeze(0).to(dev), use_cache=False)
     finally:
         for h in handles:
