@@ -34,7 +34,8 @@ class MethodInfo:
     base method (OWL, DSnoT) maps each base to the name of that pairing. `mode` is the low-rank mode
     (I: weight-dominant, II: activation-centric), None elsewhere. `version_in_config`: the method's
     sweep writes the version into each point's config itself, so the store leaves it out of the inputs.
-    `traits` are the family's own extras (pruning: updates_weights, supports_nm, allocate)."""
+    `traits` are the family's own extras (pruning: updates_weights, supports_nm, allocate; quantization:
+    fixed_bits)."""
 
     kind: str
     name: str

@@ -71,11 +71,13 @@ def _hook_origin(fn: Any) -> str:
 
 
 def foreign_hooks(model: nn.Module) -> list[str]:
-    """Modules carrying forward hooks that are not the frameworks' own (see FRAMEWORK_HOOKS)."""
+    """Modules carrying forward hooks that are not the frameworks' own (see FRAMEWORK_HOOKS), or whose
+    own forward quantizes activations (`quantizes_activations`, e.g. LLM.int8()'s decomposed matmul)."""
     found = []
     for name, module in model.named_modules():
         hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-        if any(_hook_origin(h).partition(".")[0] not in FRAMEWORK_HOOKS for h in hooks):
+        if getattr(module, "quantizes_activations", False) or \
+                any(_hook_origin(h).partition(".")[0] not in FRAMEWORK_HOOKS for h in hooks):
             found.append(name or "<model>")
     return found
 
@@ -209,9 +211,10 @@ def save_compressed(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike
     every low-rank factor pair back into a dense weight U·V: plain transformers loads the result, but
     the file is as large as the dense model's (no size benefit; the approximation error stays).
 
-    Forward hooks that change the computation (SmoothQuant's activation quantization) are not
-    weights: they are refused unless `ignore_hooks=True`, which saves the weights alone (the
-    reloaded model computes activations in full precision)."""
+    Forward hooks that change the computation (SmoothQuant's activation quantization) and modules
+    whose forward quantizes activations (LLM.int8()) are not weights: they are refused unless
+    `ignore_hooks=True`, which saves the weights alone (the reloaded model computes activations in
+    full precision)."""
     out_dir = Path(out_dir)
     lowrank = _lowrank_layers(model)
     layout = _resolve_layout(layout, lowrank, merge)

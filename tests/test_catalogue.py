@@ -88,7 +88,7 @@ def _runs(family: str, name: str, model) -> None:
     elif family == "quant":
         from mpt_utils.quant import quantize
 
-        quantize(model, name, bits=4, progress=False)
+        quantize(model, name, bits=method_info(name).traits.get("fixed_bits") or 4, progress=False)
     else:
         from mpt_utils.lowrank import decompose
 
@@ -181,3 +181,10 @@ def test_a_method_versioned_in_its_config_stays_out_of_the_store_inputs():
     assert info.version_in_config and not info.calibration and info.family == "laws"
     assert config_versions({"method": "random_prunenet", "method_version": info.version}) == {}
     assert config_versions({"method": "slicegpt"}) == {"slicegpt": method_info("slicegpt").version}
+
+
+def test_readme_methods_table_lists_every_method():
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Methods\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| [^|]+ \| `([\w-]+)` \|", section, re.M))
+    assert listed == {i.name for i in load_all().values()} - {"gguf-roundtrip"}  # the round trip is a check

@@ -54,3 +54,17 @@ def test_without_widgets_a_plain_bar_on_stderr_and_no_warning(monkeypatch, capfd
     assert type(bar) is tqdm_std.tqdm
     out, err = capfd.readouterr()
     assert out == "" and "plain" in err
+
+
+def test_progress_goes_through_the_one_helper():
+    """A module that imports tqdm itself would draw bars into executed reports."""
+    import re
+    from pathlib import Path
+
+    import mpt_utils
+
+    root = Path(mpt_utils.__file__).parent
+    direct = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "progress.py"
+              and re.search(r"^\s*(from tqdm(\.\w+)? import|import tqdm)", p.read_text(), re.M)
+              and "eval/downstream.py" not in str(p)]  # swaps lm-eval's own bars off, imports tqdm for that
+    assert direct == []

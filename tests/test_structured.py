@@ -15,6 +15,7 @@ from mpt_utils.prune.structured.surgery import drop_blocks, keep_mlp_channels, s
 from mpt_utils.testing import tiny_model
 
 WIDTH = ("flap", "llm_pruner", "random")
+DEPTH = ("shortgpt", "sleb", "srad", "shortened_llama")
 
 
 def _tiny(arch="llama", tie_word_embeddings=False, **kw):
@@ -66,7 +67,7 @@ def test_pruned_model_is_smaller_runs_and_counts_match(method, ratio, calib, pro
     assert 0 < res.param_reduction < ratio + 0.05
     out = model(input_ids=probe).logits
     assert out.shape == (2, 24, 258) and torch.isfinite(out).all()
-    if method in ("shortgpt", "sleb"):
+    if method in DEPTH:
         assert len(decoder_layers(model)) == 4 - round(ratio * 4) == model.config.num_hidden_layers
         assert res.block_reduction == pytest.approx(round(ratio * 4) / 4)
     elif method in WIDTH:

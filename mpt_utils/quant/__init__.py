@@ -1,4 +1,5 @@
-"""Quantization family: simulated torch methods (RTN, GPTQ, AWQ, SmoothQuant) and real GGUF files.
+"""Quantization family: simulated torch methods (RTN, GPTQ, AWQ, SmoothQuant; the fixed formats NF4,
+FP4 and LLM.int8()) and real GGUF files.
 
 Every torch quantizer has one signature and quantizes the decoder-block linears in place:
 
@@ -39,8 +40,10 @@ class QuantResult:
 # what `quantize` passes itself: the rest of a quantizer's keyword parameters are its options
 ENGINE_ARGS = ("model", "bits", "group_size", "sym", "calib_ids", "device", "progress")
 # Every module of this package is imported on first lookup; each quantizer module registers itself with
-# `@QUANTIZERS.register(name, version=, display=, calibration=)`.
-QUANTIZERS: Registry = Registry("quantizer", ENGINE_ARGS, family="quant", package=__name__)
+# `@QUANTIZERS.register(name, version=, display=, calibration=)`. `fixed_bits`: the one bit width of a
+# fixed format (NF4: 4, LLM.int8(): 8), which sweeps and tables use instead of a bit-width list.
+QUANTIZERS: Registry = Registry("quantizer", ENGINE_ARGS, family="quant", package=__name__,
+                                traits={"fixed_bits": None})
 GRID = ("mpt_utils.quant.rtn",)  # the quantization grid every torch quantizer rounds onto
 
 

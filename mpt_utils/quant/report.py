@@ -11,7 +11,7 @@ from mpt_utils.ptp import NEAR_LOSSLESS_REL
 
 # Table 4's GGUF row: the scheme behind each nominal bit width (Table 5's ladder)
 TABLE4_GGUF = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 8: "Q8_0"}
-TABLE4_ROWS = ("rtn", "gptq", "awq", "smoothquant", "gguf")  # the paper's row order
+TABLE4_ROWS = ("rtn", "gptq", "awq", "nf4", "fp4", "llm_int8", "smoothquant", "gguf")  # the paper's rows
 
 
 def _metric(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -20,7 +20,8 @@ def _metric(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def table4(torch_rows: pd.DataFrame, gguf_rows: pd.DataFrame | None = None,
            bits: tuple[int, ...] = (2, 3, 4, 8)) -> pd.DataFrame:
-    """PPL per method (rows) x bit width (columns), GGUF through its Table 5 schemes."""
+    """PPL per method (rows) x bit width (columns), GGUF through its Table 5 schemes; methods the paper
+    does not list come after its rows, in the order of `torch_rows`."""
     ppl = _metric(torch_rows, "ppl")
     ppl = ppl[ppl["method"] != "dense"]
     table = ppl.pivot_table(index="method", columns="bits", values="value", aggfunc="first")
@@ -28,7 +29,8 @@ def table4(torch_rows: pd.DataFrame, gguf_rows: pd.DataFrame | None = None,
         g = _metric(gguf_rows, "ppl").set_index("scheme")["value"]
         table.loc["gguf"] = {b: g.get(s, np.nan) for b, s in TABLE4_GGUF.items()}
     table = table.reindex(columns=[b for b in bits if b in table.columns or b in TABLE4_GGUF])
-    order = [m for m in TABLE4_ROWS if m in table.index]
+    methods = list(dict.fromkeys(ppl["method"]))
+    order = [m for m in TABLE4_ROWS if m in table.index] + [m for m in methods if m not in TABLE4_ROWS]
     table = table.loc[order].rename(index=display_names(names=order))
     table.columns = [f"{int(b)} bits" for b in table.columns]
     return table

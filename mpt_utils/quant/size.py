@@ -20,6 +20,9 @@ INDEX_BITS = 32  # GPTQ g_idx: one int32 group index per input column
 
 def linear_bits(out_features: int, in_features: int, spec: QuantSpec) -> int:
     """Bits one [out, in] weight takes in `spec`'s format."""
+    own = getattr(spec, "storage_bits", None)  # formats with their own constants (bitsandbytes' absmax)
+    if own is not None:
+        return own(out_features, in_features)
     g = in_features if spec.group_size is None else min(spec.group_size, in_features)
     groups = out_features * math.ceil(in_features / g)
     zero_bits = 0 if spec.sym else (spec.bits if spec.zero == "int" else SCALE_BITS)

@@ -9,6 +9,7 @@ model / method / family="quant" / bits / seed, and `ratio` = compression against
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -122,8 +123,13 @@ def dense_point(store: ResultsStore, bench: Workbench, progress: bool = True) ->
 
 
 def scheme_label(method: str, bits: int, group_size: int | None, sym: bool) -> str:
+    from mpt_utils.catalogue import method_info
+
     if method == "smoothquant":
         return "SmoothQuant W8A8"
+    info = method_info(method)
+    if info.traits.get("fixed_bits") is not None:  # a named format: its name says it all
+        return info.display if group_size is None else f"{info.display} g{group_size}"
     g = "ch" if group_size is None else f"g{group_size}"
     return f"{method.upper()} w{bits} {g} {'sym' if sym else 'asym'}"
 
@@ -164,11 +170,31 @@ def quant_point(store: ResultsStore, bench: Workbench, method: str, bits: int, *
     return store.get_or_compute(cfg, compute)
 
 
+def fixed_width_point(store: ResultsStore, bench: Workbench, method: str, *, options: dict | None = None,
+                      progress: bool = True) -> list[dict]:
+    """One point of a fixed-format method (NF4, FP4, LLM.int8()) at its own bit width, block size and
+    symmetry (the defaults of its signature), whatever the sweep's integer-grid settings are."""
+    from mpt_utils.catalogue import method_info
+    from mpt_utils.errors import MPTError
+    from mpt_utils.quant import QUANTIZERS
+
+    bits = method_info(method).traits.get("fixed_bits")
+    if method not in QUANTIZERS or bits is None:
+        fixed = sorted(n for n in QUANTIZERS.names() if QUANTIZERS.info(n).traits.get("fixed_bits") is not None)
+        raise MPTError(f"{method!r} is not a fixed-width quantizer", f"choose among {', '.join(fixed)}, or list "
+                       "it with the bit-width methods")
+    params = inspect.signature(QUANTIZERS.get(method)).parameters
+    return quant_point(store, bench, method, bits, group_size=params["group_size"].default,
+                       sym=params["sym"].default, options=options, progress=progress)
+
+
 def sweep(store: ResultsStore, bench: Workbench, methods: Iterable[str], bits_list: Iterable[int], *,
           group_size: int | None = 128, sym: bool = False, options: dict[str, dict] | None = None,
-          smoothquant_alpha: float | None = 0.85, progress: bool = True) -> pd.DataFrame:
+          smoothquant_alpha: float | None = 0.85, fixed_width: Iterable[str] = (),
+          progress: bool = True) -> pd.DataFrame:
     """Dense reference + every method at every bit width (+ SmoothQuant W8A8 if alpha is given; 0.85
-    is the SmoothQuant reference's Llama-2 setting, its quantizer's default)."""
+    is the SmoothQuant reference's Llama-2 setting, its quantizer's default) + each `fixed_width`
+    method once, in its own format (`fixed_width_point`)."""
     rows = list(dense_point(store, bench, progress))
     for method in methods:
         for bits in bits_list:
@@ -177,6 +203,8 @@ def sweep(store: ResultsStore, bench: Workbench, methods: Iterable[str], bits_li
     if smoothquant_alpha is not None:
         rows += quant_point(store, bench, "smoothquant", 8, group_size=None, sym=True,
                             options={"alpha": smoothquant_alpha}, progress=progress)
+    for method in fixed_width:
+        rows += fixed_width_point(store, bench, method, options=(options or {}).get(method), progress=progress)
     return pd.DataFrame(rows)
 
 

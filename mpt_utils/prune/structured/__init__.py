@@ -12,7 +12,8 @@ ratio sweep scores the dense model once. Call methods through `structured_prune`
 ratio and measures the achieved parameter reduction from the tensors.
 
 What `ratio` means, per method (the knob of each paper, as in Table 1):
-  shortgpt, sleb        fraction of decoder blocks removed
+  shortgpt, sleb, srad, fraction of decoder blocks removed
+  shortened_llama
   flap, llm_pruner,     fraction of decoder-block parameters removed (attention + MLP), with heads
   random                removed as whole KV groups under GQA
   slicegpt              fraction of the hidden size sliced away
