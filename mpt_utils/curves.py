@@ -11,6 +11,9 @@ over windows) and the paired divergence rows from the dense model on the same wi
 - `decisive_point`, `order_agreement`, `widest_interval`: sentences a notebook's computed conclusion
   builds from the data (does the KL order of methods agree with the PPL order where it matters,
   and how wide the s0 intervals are once the evaluation noise is carried);
+- `ranking_at`, `ptp_summary`, `ptp_shift`, `ptp_later`, `speedup_claim`: sentences ranking the
+  measured curves and comparing fitted PTPs (a `mpt_utils.ptp.ptp_table`) and measured speed-ups with
+  the paper's claims and published curves;
 - `plot_metric_curves`: a metric (e.g. KL) against the ratio, with ±SE bars.
 
 Missing metrics never raise: their values are NaN (blank in tables), curves without them are left
@@ -31,7 +34,7 @@ from scipy.stats import kendalltau
 
 from mpt_utils.errors import MPTError
 from mpt_utils.plots import plot_line
-from mpt_utils.ptp import PTPFit, bits_to_ratio
+from mpt_utils.ptp import PTPFit, bits_to_ratio, ratio_to_bits
 
 Curve4 = tuple[str, np.ndarray, np.ndarray, np.ndarray]
 PAIRED_METRICS = ("ppl", "kl_mean", "same_top")
@@ -327,6 +330,125 @@ def widest_interval(fits: Mapping[str, PTPFit]) -> str:
              else "without per-point SEs (none stored)")
     return (f"The widest PTP interval ({len(with_ptp)} curve(s) with a PTP, {noise}) is {label}'s: "
             f"{fit.ptp_ci_text} (width {size}).")
+
+
+def ranking_at(table: pd.DataFrame | None, dense: float | None = None, at: float | None = None,
+               at_text: str = "ratio {:g}") -> str:
+    """One sentence: the curves (rows of `table`, one numeric column per ratio, values PPL) ranked best
+    first at column `at`, by default the largest ratio every row was measured at (else the one most
+    rows reached); each value as a multiple of `dense` when given. A collapse (inf) ranks last."""
+    if table is None or table.empty:
+        return "No measured point to rank."
+    reached = table.notna().sum()
+    if at is None:
+        full = [c for c in table.columns if reached[c] == len(table)]
+        at = max(full) if full else max(c for c in table.columns if reached[c] == reached.max())
+    if at not in table.columns:
+        return f"No curve was measured at {at_text.format(at)}."
+    values = table[at].dropna().astype(float).sort_values(na_position="last")
+    if values.empty:
+        return f"No curve has a measured value at {at_text.format(at)}."
+
+    def text(v: float) -> str:
+        if not math.isfinite(v):
+            return "collapsed"
+        return f"×{v / dense:.2f} of dense" if dense and math.isfinite(dense) else f"PPL {v:.4g}"
+
+    return (f"At {at_text.format(at)} ({len(values)} of {len(table)} curves measured there; best first): "
+            + ", ".join(f"{label} {text(v)}" for label, v in values.items()) + ".")
+
+
+AGREEMENT_KINDS = ("agrees", "consistent", "disagrees", "untestable", "no claim")  # `ptp_table`'s verdicts
+
+
+def _native(s0: float, axis: str) -> str:
+    """A ratio-axis s0 on its curve's own axis: '3.20 bits' for quantization, else '0.350'."""
+    return f"{float(ratio_to_bits(s0)):.2f} bits" if axis == "bits" else f"{s0:.3f}"
+
+
+def _with_ptp(table: pd.DataFrame) -> pd.DataFrame:
+    return table[table["has_ptp"].astype(bool) & np.isfinite(table["s0"].astype(float))]
+
+
+def ptp_summary(table: pd.DataFrame | None, name: str, max_names: int = 4) -> str:
+    """One sentence on a `mpt_utils.ptp.ptp_table` (one group of curves, e.g. ours or the published
+    ones): how many curves have a PTP and where (on the claim's own axis: bits for quantization), the
+    claimed range, and how many curves agree, are consistent with, disagree with or cannot test the
+    claim, naming the curves of each verdict when there are at most `max_names`. Says so instead of
+    raising when the table is empty."""
+    if table is None or len(table) == 0:
+        return f"{name}: no curve was fitted (nothing measured for it in this run)."
+    found = _with_ptp(table)
+    where = ""
+    if len(found):
+        bits = str(found["axis"].iloc[0]) == "bits"
+        values = ratio_to_bits(found["s0"].to_numpy(float)) if bits else found["s0"].to_numpy(float)
+        digits, unit = (2, " bits") if bits else (3, "")
+        lo, hi = f"{values.min():.{digits}f}", f"{values.max():.{digits}f}"
+        where = f", at {lo if lo == hi else f'{lo}–{hi}'}{unit}"
+    claims = sorted({str(c) for c in table["claim"] if isinstance(c, str) and c})
+    claim = f"; claimed {', '.join(claims)}" if claims else "; no published claim"
+    kinds = table["agreement"].astype(str).str.split(":").str[0].str.strip()
+    parts = []
+    for kind in [*AGREEMENT_KINDS, *sorted(set(kinds) - set(AGREEMENT_KINDS))]:
+        curves = table.loc[kinds == kind, "curve"].astype(str).tolist()
+        if curves:
+            parts.append(f"{kind} {len(curves)}" + (f" ({', '.join(curves)})" if len(curves) <= max_names else ""))
+    return f"{name}: PTP in {len(found)} of {len(table)} curves{where}{claim}: {'; '.join(parts)}."
+
+
+def ptp_shift(ours: pd.DataFrame | None, published: pd.DataFrame | None, ours_name: str = "ours",
+              published_name: str = "the published curves") -> str:
+    """One sentence: the median fitted PTP of our curves against that of the published ones under
+    the same fit (on the ratio axis, shown on the curves' own axis), and which side transitions
+    earlier (less compression), or why they cannot be compared."""
+    a = _with_ptp(ours) if ours is not None and len(ours) else None
+    b = _with_ptp(published) if published is not None and len(published) else None
+    missing = [n for n, t in ((ours_name, a), (published_name, b)) if t is None or t.empty]
+    if missing:
+        return f"Median PTP not compared: no PTP was found for {' nor '.join(missing)}."
+    ma, mb = float(a["s0"].median()), float(b["s0"].median())
+    axis = str(a["axis"].iloc[0])
+    if math.isclose(ma, mb, abs_tol=1e-3):
+        side = "at the same point"
+    else:
+        side = (f"{'earlier (less compression)' if ma < mb else 'later (more compression)'}, "
+                f"by {abs(ma - mb):.3f} in ratio")
+    return (f"Median PTP: {ours_name} {_native(ma, axis)} ({len(a)} curve(s)) vs {published_name} "
+            f"{_native(mb, axis)} ({len(b)} curve(s)): {ours_name} transition(s) {side}.")
+
+
+def ptp_later(table: pd.DataFrame | None, by: str, early: str, late: str, name: str = "") -> str:
+    """One sentence: is the median PTP of the curves whose `by` column is `late` at more compression
+    than that of those marked `early` (e.g. low-rank Mode II against Mode I)? Or why it cannot say."""
+    prefix = f"{name}: " if name else ""
+    if table is None or len(table) == 0 or by not in table.columns:
+        return f"{prefix}no fitted curves to compare {early} with {late}."
+    found = _with_ptp(table)
+    medians = found.groupby(found[by].astype(str))["s0"].median()
+    lacking = [g for g in (early, late) if g not in medians.index]
+    if lacking:
+        return f"{prefix}no curve of {' nor '.join(lacking)} has a PTP: {early} vs {late} not compared."
+    e, lt = float(medians[early]), float(medians[late])
+    verdict = "later (more compression)" if lt > e else "not later"
+    return f"{prefix}median PTP {early} {e:.3f} vs {late} {lt:.3f}: {late} transitions {verdict}."
+
+
+def speedup_claim(speed: pd.DataFrame | None, *, label: str = "label", ratio: str = "ratio",
+                  value: str = "value", below: float = 0.5, limit: float = 2.0) -> str:
+    """One sentence on the Perspective's speed claim (structured sparsity below ~50% gains less than
+    2×): the largest measured speed-up among the points with `ratio` < `below`, and whether it stays
+    under `limit`. `speed`: one row per timed point with its `label`, `ratio` and speed-up `value`."""
+    if speed is None or len(speed) == 0:
+        return "No speed point was timed: the speed claim is not checked."
+    part = speed[(speed[ratio].astype(float) < below) & np.isfinite(speed[value].astype(float))]
+    if part.empty:
+        return f"No speed point below {below:.0%} was timed: the speed claim is not checked."
+    best = part.loc[part[value].astype(float).idxmax()]
+    under = float(best[value]) < limit
+    return (f"Below {below:.0%} the largest speed-up over dense of {len(part)} timed point(s) is ×{float(best[value]):.2f} "
+            f"({best[label]} at {float(best[ratio]):g}): {'under' if under else 'not under'} ×{limit:g}, "
+            f"{'as the Perspective claims' if under else 'against the Perspective claim'}.")
 
 
 # -- figure ---------------------------------------------------------------------------------------

@@ -163,3 +163,61 @@ def published_dimensions(fit=None) -> tuple[list[Dimension], dict[str, object], 
     dims = [dimension_from_fit("quant", fits["quant"], grid=quant_s), dimension_from_fit("prune", fits["prune"]),
             dimension_from_fit("lowrank", fits["lowrank"])]
     return dims, fits, float(ladder[ladder.scheme == "FP16"].value.iloc[0])
+
+
+# the Perspective's Table 3 (data/published/perspective_table3.csv): the PTP-guided point's ratio per dimension
+PUBLISHED_RATIOS = {"quant": "quant_compression_pct", "prune": "prune_sparsity_pct", "lowrank": "rank_reduction_pct"}
+
+
+def published_ptp_point(paper: pd.DataFrame) -> dict | None:
+    """The Perspective's PTP-guided LLaMA2-7B point from its Table 3 (`load_published("perspective_table3")`,
+    the first model whose name holds "PTP" and that prints a WikiText-2 PPL): `model`, `config`, `ppl`,
+    `size_gb`, `kept` (1 − compression_pct/100) and `ratios` per planner dimension (fractions). None when
+    the table has no such point."""
+    ptp = paper[paper["model"].astype(str).str.contains("PTP")]
+    with_ppl = ptp[ptp["metric"] == "wikitext2_ppl"]
+    if with_ppl.empty:
+        return None
+    first = with_ppl.iloc[0]
+    rows = ptp[(ptp["model"] == first["model"]) & (ptp["config"] == first["config"])]
+    value = rows.groupby("metric")["value"].first()
+    return {"model": first["model"], "config": first["config"], "ppl": float(first["value"]),
+            "size_gb": float(value.get("size_gb", np.nan)),
+            "kept": 1.0 - float(value.get("compression_pct", np.nan)) / 100.0,
+            "ratios": {d: float(value[m]) / 100.0 for d, m in PUBLISHED_RATIOS.items() if m in value.index}}
+
+
+def _ratios_text(ratios: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in ratios.items())
+
+
+def plan_vs_published(dims: Sequence[Dimension], dense: float, point: dict | None, steps: int = 41) -> list[str]:
+    """Sentences comparing our eq. 6 plan with the published PTP-guided point: the plan at the same
+    tolerance (ε = the published point's PPL − `dense`), its size kept and ratios against the
+    published ones, and, where our plan compresses a dimension less than the paper, whether that
+    dimension's fitted safe bound (its PTP) lies before the published ratio. Says so instead of
+    raising when there is no published point or no plan."""
+    if point is None:
+        return ["no published PTP-guided point to compare with"]
+    eps = point["ppl"] - dense
+    if eps < 0:
+        return [f"the published point's PPL {point['ppl']:g} is below dense {dense:.2f}: no tolerance to plan at"]
+    try:
+        p = plan(dims, eps, steps=steps, base=dense)
+    except MPTError as err:
+        return [f"no plan within ε = {eps:.2f} PPL: {err.message}"]
+    lines = [f"at ε = {eps:.2f} PPL (the published point's {point['ppl']:g} − dense {dense:.2f}) our plan keeps "
+             f"{p.size:.1%} of the weight bytes ({_ratios_text(p.ratios)}; predicted PPL {p.predicted:.2f}); the "
+             f"published {point['model']} ({point['config']}) keeps {point['kept']:.1%} "
+             f"({_ratios_text(point['ratios'])}), {'smaller' if point['kept'] < p.size else 'not smaller'} than ours"]
+    by_name = {d.name: d for d in dims}
+    for name, theirs in point["ratios"].items():
+        ours = p.ratios.get(name)
+        if ours is None or ours >= theirs - 1e-9 or name not in by_name:
+            continue
+        bound = by_name[name].ptp
+        why = (f"our fitted safe bound {bound:.3f} lies at or before the published {theirs:.2f}, so the plan "
+               "may not go there" if bound <= theirs + 1e-9 else
+               f"its safe bound {bound:.3f} allows {theirs:.2f}, but another dimension costs less PPL per byte")
+        lines.append(f"{name}: the plan uses {ours:.2f}, less than the published {theirs:.2f}: {why}")
+    return lines

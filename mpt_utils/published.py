@@ -8,8 +8,9 @@ authors, venue, DOI, repository, table or figure, transcription notes). Values a
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,32 @@ def published_families(min_points: int = 3) -> dict[str, list[Curve]]:
         ],
     }
     return fams
+
+
+def published_dense(tables: tuple[str, ...] = ("table5", "table6")) -> pd.DataFrame:
+    """The uncompressed (16-bit) models of the published GGUF tables, one row each: `model`, WikiText-2
+    `ppl` with its `stderr` and the FP16 `param_gb`, with the `table` it comes from. Models printed
+    without a 16-bit row (LLaMA-2 in Table 6) are not in it."""
+    rows = []
+    for table in tables:
+        df = load_published(table)
+        dense = df[df["bits"] == 16]
+        for model, part in dense.groupby("model", sort=False):
+            ppl = part[part["metric"] == "wikitext2_ppl"]
+            size = part[part["metric"] == "param_gb"]
+            if len(ppl):
+                rows.append({"model": model, "ppl": float(ppl["value"].iloc[0]),
+                             "stderr": float(ppl["stderr"].iloc[0]) if "stderr" in ppl else math.nan,
+                             "param_gb": float(size["value"].iloc[0]) if len(size) else math.nan, "table": table})
+    return pd.DataFrame(rows, columns=["model", "ppl", "stderr", "param_gb", "table"])
+
+
+def change_from_dense(table: pd.DataFrame, metrics: Iterable[str], by: str = "bits", dense=16) -> pd.DataFrame:
+    """Per model and metric, each value minus the model's uncompressed one (`by` == `dense`, e.g. the
+    16-bit row of a GGUF table): columns model, metric, `by`, value, dense, change. Models without an
+    uncompressed row are left out."""
+    df = table[table["metric"].isin(list(metrics))]
+    base = df[df[by] == dense].groupby(["model", "metric"])["value"].first().rename("dense")
+    out = df[df[by] != dense].join(base, on=["model", "metric"], how="inner")
+    out = out[["model", "metric", by, "value", "dense"]].assign(change=lambda d: d["value"] - d["dense"])
+    return out.reset_index(drop=True)

@@ -19,6 +19,11 @@ from mpt_utils.curves import (  # noqa: E402
     order_agreement,
     paired_note,
     plot_metric_curves,
+    ptp_later,
+    ptp_shift,
+    ptp_summary,
+    ranking_at,
+    speedup_claim,
     widest_interval,
 )
 from mpt_utils.errors import MPTError  # noqa: E402
@@ -176,3 +181,56 @@ def test_paired_standard_error_replaces_the_window_spread_where_stored():
     assert np.allclose(curves["sparsegpt"][3], [4.0, 10.0])
     unpaired = {c[0]: c for c in measured_curves(frame, "method", "ratio", paired=False)}
     assert np.allclose(unpaired["wanda"][3], [6.0, 12.0])
+
+
+def ptp_rows(curves):
+    """A `ptp_table`-like frame: (curve, has_ptp, s0, agreement[, axis])."""
+    return pd.DataFrame([{"curve": c, "has_ptp": h, "s0": s, "agreement": a, "axis": ax, "claim": "0.55–0.65"}
+                         for c, h, s, a, ax in curves])
+
+
+def test_ptp_summary_counts_verdicts_and_names_few_curves():
+    table = ptp_rows([("a", True, 0.6, "agrees", "sparsity"), ("b", True, 0.5, "disagrees: PTP earlier", "sparsity"),
+                      ("c", False, math.nan, "untestable: too few points", "sparsity")])
+    text = ptp_summary(table, "ours")
+    assert text.startswith("ours: PTP in 2 of 3 curves, at 0.500–0.600; claimed 0.55–0.65")
+    assert "agrees 1 (a); disagrees 1 (b); untestable 1 (c)." in text
+    assert "(a)" not in ptp_summary(table, "ours", max_names=0)
+    assert "no curve was fitted" in ptp_summary(table.iloc[0:0], "ours") and "no curve" in ptp_summary(None, "x")
+    bits = ptp_rows([("q", True, 1 - 3.2 / 16, "consistent: CI overlaps claim", "bits")])
+    assert "at 3.20 bits" in ptp_summary(bits, "gguf")
+
+
+def test_ptp_shift_and_ptp_later():
+    ours = ptp_rows([("a", True, 0.4, "agrees", "sparsity"), ("b", True, 0.5, "agrees", "sparsity")])
+    pub = ptp_rows([("A", True, 0.6, "agrees", "sparsity")])
+    text = ptp_shift(ours, pub, "ours", "paper")
+    assert "ours 0.450 (2 curve(s)) vs paper 0.600 (1 curve(s))" in text and "earlier (less compression), by 0.150" in text
+    assert "later (more compression)" in ptp_shift(pub, ours, "paper", "ours")
+    none = ptp_rows([("a", False, math.nan, "disagrees: no PTP found", "sparsity")])
+    assert ptp_shift(none, pub, "ours", "paper") == "Median PTP not compared: no PTP was found for ours."
+    modes = ours.assign(mode=["I", "II"])
+    assert "II transitions later" in ptp_later(modes, "mode", "I", "II", "m")
+    assert "not later" in ptp_later(modes.assign(mode=["II", "I"]), "mode", "I", "II")
+    assert "no curve of II has a PTP" in ptp_later(modes.assign(mode=["I", "I"]), "mode", "I", "II")
+    assert "no fitted curves" in ptp_later(None, "mode", "I", "II")
+
+
+def test_speedup_claim():
+    speed = pd.DataFrame({"label": ["a", "a", "b"], "ratio": [0.2, 0.6, 0.4], "value": [1.3, 2.5, 1.8]})
+    text = speedup_claim(speed)
+    assert "×1.80 (b at 0.4): under ×2, as the Perspective claims" in text and "2 timed point(s)" in text
+    assert "not under ×1.5, against the Perspective claim" in speedup_claim(speed, limit=1.5)
+    assert "No speed point below 10%" in speedup_claim(speed, below=0.1)
+    assert "No speed point was timed" in speedup_claim(speed.iloc[0:0])
+
+
+def test_ranking_at_the_largest_ratio_every_curve_reached():
+    table = pd.DataFrame({0.2: [12.0, 11.0, 13.0], 0.4: [30.0, math.inf, 20.0], 0.6: [90.0, np.nan, np.nan]},
+                         index=["a", "b", "c"])
+    text = ranking_at(table, 10.0)
+    assert text == "At ratio 0.4 (3 of 3 curves measured there; best first): c ×2.00 of dense, a ×3.00 of dense, b collapsed."
+    assert "a PPL 90" in ranking_at(table, at=0.6) and "1 of 3" in ranking_at(table, at=0.6)
+    assert "No curve was measured at ratio 0.8" in ranking_at(table, at=0.8)
+    assert ranking_at(table.iloc[0:0]) == "No measured point to rank."
+    assert ranking_at(table[[0.6]].iloc[1:]) == "No curve has a measured value at ratio 0.6."

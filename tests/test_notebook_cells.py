@@ -33,3 +33,16 @@ def test_setup_cell_resolves_the_folders_before_using_them(path):
     assert resolve in setup
     before = setup[: setup.index(resolve)]
     assert not any(use in before for use in ("ResultsStore(store_dir)", "Path(store_dir)", "Path(figures_dir)"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_notebook_ends_with_a_computed_conclusion(path):
+    """The last cell is the one code cell tagged `conclusion`, under a "## Conclusion" heading, and it
+    prints bullet lines ("- ...") built from the notebook's own variables."""
+    cells = nbformat.read(path, as_version=4).cells
+    last, heading = cells[-1], cells[-2]
+    tagged = [c for c in cells if "conclusion" in c.metadata.get("tags", [])]
+    assert last.cell_type == "code" and tagged == [last], "the last cell, and only it, is tagged `conclusion`"
+    assert heading.cell_type == "markdown" and heading.source.startswith("## Conclusion")
+    assert "print(" in last.source or "display(Markdown(" in last.source
+    assert '"- ' in last.source, "the conclusion prints bullet lines starting with '- '"

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from mpt_utils.errors import MPTError
-from mpt_utils.planner import Dimension, plan, trajectory
+from mpt_utils.planner import Dimension, plan, plan_vs_published, published_ptp_point, trajectory
+from mpt_utils.published import load_published
 
 
 def _curve(s0, slope, rate, base=5.0):
@@ -81,3 +82,25 @@ def test_dimension_from_fit_stops_before_a_collapsed_point():
     y[-2:] = np.inf
     full = fit_ptp(x, y)
     assert full.has_ptp and dimension_from_fit("prune", full).ptp == pytest.approx(full.s0)
+
+
+def test_published_ptp_point_reads_the_perspectives_table3():
+    point = published_ptp_point(load_published("perspective_table3"))
+    assert point["model"] == "LLaMA2-7B-chat-PTP" and point["ppl"] == 6.92 and point["size_gb"] == 1.89
+    assert point["kept"] == pytest.approx(0.15)
+    assert point["ratios"] == pytest.approx({"quant": 0.76, "prune": 0.35, "lowrank": 0.05})
+    assert published_ptp_point(load_published("perspective_table3").iloc[0:0]) is None
+
+
+def test_plan_vs_published_plans_at_the_published_gap_and_explains_a_smaller_ratio():
+    base = float(DIMS[0].predict(np.array([0.0]))[0])
+    point = {"model": "M", "config": "c", "ppl": base + 0.5, "kept": 0.2,
+             "ratios": {"quant": 0.85, "prune": 0.3, "lowrank": 0.05}}
+    lines = plan_vs_published(DIMS, base, point)
+    best = plan(DIMS, 0.5, base=base)
+    assert lines[0].startswith(f"at ε = 0.50 PPL (the published point's {point['ppl']:g} − dense {base:.2f})")
+    assert f"our plan keeps {best.size:.1%}" in lines[0] and "keeps 20.0%" in lines[0]
+    assert any(line.startswith("quant: the plan uses") and "safe bound 0.800 lies at or before" in line
+               for line in lines[1:])  # Q-ratio 0.85 is past the quant PTP 0.8
+    assert plan_vs_published(DIMS, base, None) == ["no published PTP-guided point to compare with"]
+    assert "below dense" in plan_vs_published(DIMS, base, {**point, "ppl": base - 1})[0]

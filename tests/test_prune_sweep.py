@@ -2,10 +2,11 @@
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
-from mpt_utils.prune.sweep import PruneSession, parse_method, sweep_points
+from mpt_utils.prune.sweep import PruneSession, parse_method, sweep_points, unstructured_findings
 from mpt_utils.store import ResultsStore
 from mpt_utils.testing import tiny_model
 
@@ -98,3 +99,16 @@ def test_dense_mode_dsnot_and_a_failed_point_leave_the_model_dense(tmp_path, mon
     with pytest.raises(RuntimeError):
         session.point("wanda", 0.7)
     assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())
+
+
+def test_unstructured_findings_from_the_table_and_the_drift():
+    table = pd.DataFrame({"0.5": [20.0, 15.0, 14.0], "0.7": [500.0, 80.0, 60.0], "2:4": [30.0, 25.0, 22.0]},
+                         index=["magnitude", "wanda", "sparsegpt"])
+    drift = pd.DataFrame({"method": ["wanda", "sparsegpt"], "sparsity": [0.6, 0.7], "ratio": [1.05, 0.9]})
+    lines = unstructured_findings(table, drift, ["2:4"])
+    assert lines[0].startswith("PPL(0.7)/PPL(0.5) per method") and "magnitude ×25.0" in lines[0]
+    assert lines[1] == "At sparsity 0.7 (best first): sparsegpt 60.0, wanda 80.0, magnitude 500.0."
+    assert "(sparsegpt) lead the mask-only ones" in lines[2] and "disagreement" not in lines[2]
+    assert lines[3] == "Magnitude ranks 3 of 3 (last, as in the paper)."
+    assert "×0.90 to ×1.05" in lines[4] and "furthest: sparsegpt at 0.7" in lines[4]
+    assert unstructured_findings(table[["0.5"]], drift.iloc[0:0]) == []

@@ -10,8 +10,10 @@ import pytest
 from mpt_utils.errors import MPTError
 from mpt_utils.published import (
     available_tables,
+    change_from_dense,
     load_published,
     published_curves,
+    published_dense,
     published_dir,
     published_families,
     published_sources,
@@ -161,3 +163,15 @@ def test_published_families_cover_the_papers_figures():
     assert labels == {"ASVD", "SVD-LLM", "ASVD (PTB eval)"}
     assert {"SparseGPT (T9, FP16)", "Wanda (T10, FP16)"} <= {label for label, *_ in fams["unstructured"]}
     assert all(np.isfinite(y).sum() >= 3 for curves in fams.values() for _, _, y in curves)
+
+
+def test_published_dense_models_and_changes_from_dense():
+    dense = published_dense()
+    row = dense.set_index("model").loc["Qwen2.5-0.5B"]
+    assert (row.ppl, row.stderr, row.param_gb, row.table) == (13.64, 0.10, 1.27, "table5")
+    assert "LLaMA-2-7B" not in set(dense.model)  # Table 6 prints no 16-bit LLaMA-2 row
+    table = pd.DataFrame({"model": ["m"] * 4 + ["n"], "metric": ["acc", "acc", "acc", "ppl", "acc"],
+                          "bits": [16, 4, 2, 4, 4], "value": [0.6, 0.55, 0.3, 9.0, 0.4]})
+    change = change_from_dense(table, ["acc"])
+    assert change[["model", "bits"]].values.tolist() == [["m", 4], ["m", 2]]  # n has no 16-bit row
+    assert np.allclose(change["change"], [-0.05, -0.3]) and np.allclose(change["dense"], 0.6)

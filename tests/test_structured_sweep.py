@@ -1,12 +1,15 @@
 """Side-by-side speed measurement and the resumable structured-pruning sweep (tiny models)."""
 
+import math
+
+import pandas as pd
 import pytest
 import torch
 
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.speed import measure_speed
 from mpt_utils.prune.structured import sweep as sweep_mod
-from mpt_utils.prune.structured.sweep import SweepSettings, structured_sweep
+from mpt_utils.prune.structured.sweep import SweepSettings, recovery_effect, structured_sweep
 from mpt_utils.store import ResultsStore
 from mpt_utils.testing import tiny_model
 
@@ -61,3 +64,19 @@ def test_sweep_stores_points_and_resumes(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(sweep_mod, "structured_prune", boom)
     again = structured_sweep(loaded, store, settings, ["shortgpt", "random"], [0.5], log=None)
     assert len(again) == len(df) and len(list(store.points.glob("*.json"))) == n_points
+
+
+def test_recovery_effect_compares_each_point_with_and_without_lora():
+    def row(label, ratio, recovered, value, data="wiki", metric="ppl"):
+        return {"label": label, "ratio": ratio, "recovered": recovered, "value": value, "data": data, "metric": metric}
+
+    rows = pd.DataFrame([row("A", 0.2, False, 20.0), row("A", 0.2, True, 15.0), row("A", 0.4, False, 40.0),
+                         row("B", 0.2, False, 30.0), row("B", 0.2, True, 27.0), row("B", 0.4, False, math.inf),
+                         row("B", 0.4, True, 50.0), row("A", 0.2, True, 1.0, data="news")])
+    text = recovery_effect(rows, "wiki")
+    assert text == ("LoRA recovery on 2 points: PPL ×0.82 of the unrecovered model (median; ×0.75 to ×0.90), "
+                    "most for A at 0.2.")  # B at 0.4 collapsed without recovery: no ratio
+    assert recovery_effect(rows[rows.label == "B"], "wiki") == ("LoRA recovery on 1 point: PPL ×0.90 of the "
+                                                                 "unrecovered model (B at 0.2).")
+    assert "No point was measured both" in recovery_effect(rows[~rows.recovered], "wiki")
+    assert "No point was recovered" in recovery_effect(rows.drop(columns="recovered"), "wiki")

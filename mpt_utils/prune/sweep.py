@@ -299,3 +299,41 @@ class PruneSession:
                     session.close()
         return pd.DataFrame(rows, columns=["method", "sparsity", "ppl_sequential", "ppl_dense", "ratio",
                                            "prune_seconds_sequential", "prune_seconds_dense"])
+
+
+def unstructured_findings(table: pd.DataFrame, drift: pd.DataFrame, patterns: Iterable[str] = ()) -> list[str]:
+    """Sentences for notebook 02's conclusion, computed from its Table 2 analogue (`table`: PPL, one row
+    per method label, one column per sparsity as "0.5" plus the N:M `patterns`) and the dense-shortcut
+    drift (`PruneSession.compare_modes`): the jump across the paper's transition (PPL at 0.7 over 0.5),
+    the ranking at high sparsity (methods that update the kept weights against mask-only ones, where
+    magnitude ranks) and how far the dense-statistics shortcut moves PPL from sequential pruning."""
+    from mpt_utils.prune import get_method  # the registry imports each method on demand
+
+    out = []
+    cols = [c for c in table.columns if c not in set(patterns)]
+    if {"0.5", "0.7"} <= set(cols):
+        jump = (table["0.7"] / table["0.5"]).dropna()
+        out.append("PPL(0.7)/PPL(0.5) per method, the jump across the paper's transition: "
+                   + ", ".join(f"{m} ×{v:.1f}" for m, v in jump.items()) + ".")
+    full = [c for c in cols if 0.6 <= float(c) <= 0.8 and table[c].notna().all() and len(table) > 1]
+    if full:
+        s = "0.7" if "0.7" in full else full[-1]
+        ranked = table[s].sort_values()
+        updating = [m for m in ranked.index if get_method(parse_method(m)[0]).updates_weights]
+        masking = [m for m in ranked.index if m not in updating]
+        out.append(f"At sparsity {s} (best first): " + ", ".join(f"{m} {v:.1f}" for m, v in ranked.items()) + ".")
+        if updating and masking:
+            lead = ranked[updating].min() < ranked[masking].min()
+            out.append(f"The methods that update the kept weights ({', '.join(updating)}) "
+                       f"{'lead' if lead else 'do not lead'} the mask-only ones, as in the paper's ranking"
+                       f"{'' if lead else ' (a disagreement)'}.")
+        if "magnitude" in ranked.index:
+            place = list(ranked.index).index("magnitude") + 1
+            out.append(f"Magnitude ranks {place} of {len(ranked)}"
+                       f"{' (last, as in the paper)' if place == len(ranked) else ' (the paper has it last)'}.")
+    if len(drift):
+        worst = drift.loc[(drift.ratio - 1).abs().idxmax()]
+        out.append(f"The dense-statistics shortcut changes PPL by ×{drift.ratio.min():.2f} to "
+                   f"×{drift.ratio.max():.2f} against sequential pruning (median ×{drift.ratio.median():.2f}; "
+                   f"furthest: {worst.method} at {worst.sparsity:g}).")
+    return out

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from mpt_utils.catalogue import display_names, method_info
+from mpt_utils.ptp import NEAR_LOSSLESS_REL
 
 # Table 4's GGUF row: the scheme behind each nominal bit width (Table 5's ladder)
 TABLE4_GGUF = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 8: "Q8_0"}
@@ -119,3 +120,21 @@ def size_curve(rows: pd.DataFrame, method: str) -> pd.DataFrame:
                         "ppl": ppl["value"].to_numpy(dtype=float),
                         "size_gb": ppl[key].map(size).to_numpy(dtype=float)})
     return out.sort_values("size_gb").reset_index(drop=True)
+
+
+def ladder_sentence(ladder: pd.DataFrame, dense_ppl: float, tolerance: float = NEAR_LOSSLESS_REL) -> str:
+    """One sentence on a `ladder_table`: the PPL from its largest to its smallest file (real bits per
+    weight) and the smallest scheme still within dense × (1 + `tolerance`), the Perspective's
+    near-lossless regime (ΔPPL ≈ 1.5 on LLaMA-2-7B, carried as a ratio)."""
+    ok = ladder.dropna(subset=["ppl", "bits_per_weight"]) if len(ladder) else ladder
+    if ok.empty:
+        return "No GGUF scheme was evaluated: the ladder is empty."
+    ok = ok.sort_values("bits_per_weight", ascending=False)
+    big, small = ok.iloc[0], ok.iloc[-1]
+    within = ok[ok["ppl"] <= dense_ppl * (1.0 + tolerance)]
+    limit = (f"the smallest file within dense × {1 + tolerance:.2f} is {within.index[-1]} "
+             f"({within['bits_per_weight'].iloc[-1]:.2f} bits/weight)" if len(within)
+             else f"no scheme within dense × {1 + tolerance:.2f}")
+    return (f"GGUF ladder through llama.cpp ({len(ok)} schemes): PPL {big['ppl']:.4g} at {big.name} "
+            f"({big['bits_per_weight']:.2f} bits/weight) to {small['ppl']:.4g} at {small.name} "
+            f"({small['bits_per_weight']:.2f} bits/weight); {limit}.")

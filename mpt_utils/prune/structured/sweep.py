@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -203,3 +204,24 @@ def save_and_reload(loaded: LoadedModel, method: str, ratio: float, settings: Sw
     files = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     return {"method": method, "ratio": ratio, "params": res.params_after, "reloaded_params": back.info.n_params,
             "max_logit_diff": diff, "safetensors_mb": files / 2**20, "arch": back.info.arch}
+
+
+def recovery_effect(rows: pd.DataFrame, data: str, label: str = "label") -> str:
+    """One sentence: how LoRA recovery changed perplexity on `data`, over the (`label`, ratio) points
+    measured both without and with it: the median and range of PPL(with) / PPL(without) and the
+    point it helped most. Says so instead of raising when no point was recovered."""
+    if rows.empty or "recovered" not in rows.columns:
+        return "No point was recovered with LoRA: recovery is not assessed."
+    ppl = rows[(rows["metric"] == "ppl") & (rows["data"] == data)].assign(rec=lambda d: d["recovered"].astype(bool))
+    table = ppl.pivot_table(index=[label, "ratio"], columns="rec", values="value", aggfunc="first")
+    if not {True, False} <= set(table.columns):
+        return "No point was measured both with and without LoRA recovery: recovery is not assessed."
+    finite = np.isfinite(table[True].astype(float)) & np.isfinite(table[False].astype(float))
+    change = (table[True] / table[False])[finite]  # a collapse on either side has no meaningful ratio
+    if change.empty:
+        return "No point was measured both with and without LoRA recovery: recovery is not assessed."
+    (best_label, best_ratio), best = change.idxmin(), change.min()
+    if len(change) == 1:
+        return f"LoRA recovery on 1 point: PPL ×{best:.2f} of the unrecovered model ({best_label} at {best_ratio:g})."
+    return (f"LoRA recovery on {len(change)} points: PPL ×{change.median():.2f} of the unrecovered model "
+            f"(median; ×{best:.2f} to ×{change.max():.2f}), most for {best_label} at {best_ratio:g}.")
