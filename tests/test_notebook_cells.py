@@ -1,5 +1,6 @@
 """Every notebook takes papermill parameters and resolves its folders from the repository root."""
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -46,3 +47,13 @@ def test_the_notebook_ends_with_a_computed_conclusion(path):
     assert heading.cell_type == "markdown" and heading.source.startswith("## Conclusion")
     assert "print(" in last.source or "display(Markdown(" in last.source
     assert '"- ' in last.source, "the conclusion prints bullet lines starting with '- '"
+
+
+OUTSIDE = re.compile(r"GUIDE\.md|DESIGN\.md|seeds/|\.\./shared|\bissue ?#?\d+", re.I)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_notebook_names_nothing_outside_the_project(path):
+    """A reader has the notebook and the repository, not our planning files."""
+    text = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
+    assert OUTSIDE.findall(text) == []
