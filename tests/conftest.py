@@ -26,3 +26,14 @@ def tiny():
     from mpt_utils.testing import tiny_model
 
     return tiny_model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small text file of numbered paragraphs for grid, build and CLI tests (a test module with
+    its own corpus fixture overrides this one)."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    paragraphs = [f"paragraph {i}: the quick brown fox jumps over the lazy dog, a stitch in time saves nine. " * 3
+                  for i in range(12)]
+    path.write_text("\n\n".join(paragraphs))
+    return str(path)

@@ -24,15 +24,6 @@ def eq5(s, s0=0.5, a=40.0, alpha=2.0, b=266.0, beta=8.0, gamma=30.0):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    paragraphs = [f"paragraph {i}: the quick brown fox jumps over the lazy dog, a stitch in time saves nine. " * 3
-                  for i in range(12)]
-    path.write_text("\n\n".join(paragraphs))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def swept(tmp_path_factory, corpus):
     """`mpt sweep` of Wanda at two ratios plus the dense point on the tiny model: (code, store, csv, out)."""
     root = tmp_path_factory.mktemp("sweep")

@@ -30,15 +30,6 @@ def eq5(s, s0, a, alpha, beta=8.0, gamma=30.0):
     return np.where(s <= s0, a * s**alpha + DENSE, at * np.exp(beta * (s - s0) + gamma * (s - s0) ** 2))
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    paragraphs = [f"paragraph {i}: the quick brown fox jumps over the lazy dog, a stitch in time saves nine. " * 3
-                  for i in range(12)]
-    path.write_text("\n\n".join(paragraphs))
-    return str(path)
-
-
 def curve_rows(data: str, quant: str = "rtn") -> list[dict]:
     """Notebook-02-like Wanda rows (PTP at sparsity 0.5) and notebook-03-like quant rows (PTP at 4 bits)."""
     rows = []

@@ -23,15 +23,6 @@ RECIPE = "svd@0.2 > wanda@0.5 > rtn:4bit"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    paragraphs = [f"paragraph {i}: the quick brown fox jumps over the lazy dog, a stitch in time saves nine. " * 3
-                  for i in range(12)]
-    path.write_text("\n\n".join(paragraphs))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def loaded():
     return tiny_model("llama", seed=0)
 
