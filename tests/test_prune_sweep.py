@@ -33,15 +33,15 @@ def test_sweep_stores_each_point_reuses_stats_and_resumes(tmp_path, monkeypatch)
     assert ppl.sparsity.round(2).tolist() == [0.3, 0.6, 0.5, 0.3, 0.6]
     assert df[df.pattern == "2:4"].nm_ok.all()
     assert len(list((tmp_path / "store" / "points").glob("*.json"))) == 5
-    first_stats = session._stats
+    first_stats = session.stats
     session.point("wanda", 0.45)
-    assert session._stats is first_stats  # one dense pass served every point
+    assert session.stats is first_stats  # one dense pass served every point
 
     fresh = _session(store)
     monkeypatch.setattr(fresh, "_compute", lambda cfg: pytest.fail("a stored point was recomputed"))
     again = fresh.sweep(["wanda", "owl:wanda"], [0.3, 0.6], ["2:4"])
     assert again[again.metric == "ppl"].value.tolist() == ppl.value.tolist()
-    assert fresh._loaded is not None and fresh._stats is None
+    assert fresh.session.is_loaded and not fresh.session.built(("stats", "embedded-news", 2, 64, 0))
 
 
 def test_sequential_mode_and_dense_restore(tmp_path):

@@ -35,6 +35,7 @@ from mpt_utils.errors import MPTError
 from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.quant.sweep import Setup, Workbench
 from mpt_utils.recipe import Bits, Recipe, apply_recipe, needs_calibration
+from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 
 FAMILY = "combined"
@@ -88,8 +89,9 @@ class GridBench(Workbench):
     that fill the machine."""
 
     def __init__(self, setup: GridSetup, loader: Callable[[], Any] | None = None, *,
-                 work_dir: str | Path | None = None, n_threads: int | None = None, keep_prefixes: int = 2):
-        super().__init__(setup, loader)
+                 work_dir: str | Path | None = None, n_threads: int | None = None, keep_prefixes: int = 2,
+                 session: Session | None = None):
+        super().__init__(setup, loader, session=session)
         self.setup: GridSetup = setup
         self.work_dir = Path(work_dir) if work_dir is not None else None
         self.n_threads = n_threads

@@ -21,6 +21,7 @@ from mpt_utils.diagnostics.pipeline import DIAGNOSTICS_VERSION, Diagnosis, diagn
 from mpt_utils.diagnostics.prompts import factual_suite
 from mpt_utils.diagnostics.sensitivity import layer_sensitivity, rtn_block
 from mpt_utils.errors import MPTError
+from mpt_utils.session import Session
 
 FAMILY = "diagnostics"
 
@@ -37,7 +38,7 @@ class DiagnosticSession:
                  n_facts: int | None = 16, seed: int = 0, device: str | None = "cpu", probe_size: int = 12,
                  calib_data: str = "embedded-wiki", calib_windows: int = 4, calib_seqlen: int = 256,
                  eval_data: str = "embedded-wiki", ppl_windows: int = 2, k: int = 16,
-                 keep_sets: Mapping[str, Sequence[int]] | None = None, loaded=None):
+                 keep_sets: Mapping[str, Sequence[int]] | None = None, loaded=None, session: Session | None = None):
         if probe_size < 1:
             raise MPTError(f"probe_size={probe_size} must be at least 1", "use e.g. probe_size=16")
         self.model_name, self.store, self.device, self.seed = model, store, device, seed
@@ -46,16 +47,13 @@ class DiagnosticSession:
         self.eval_data, self.ppl_windows = eval_data, ppl_windows
         self.keep_sets = {str(name): [int(b) for b in blocks] for name, blocks in (keep_sets or {}).items()}
         self.prompts = factual_suite(self.relations, n_facts, seed)
-        self._loaded, self._batch, self._trace, self._calib, self._stats = loaded, None, None, None, None
+        self.session = session or Session(model, store, device=device, loaded=loaded)
+        self._batch, self._trace = None, None
 
     # -- lazy pieces --------------------------------------------------------------------------------
     @property
     def loaded(self):
-        if self._loaded is None:
-            from mpt_utils.models import load_model
-
-            self._loaded = load_model(self.model_name, device=self.device)
-        return self._loaded
+        return self.session.loaded
 
     @property
     def dense(self) -> nn.Module:
@@ -85,20 +83,11 @@ class DiagnosticSession:
 
     @property
     def calib(self):
-        if self._calib is None:
-            from mpt_utils.data import calibration_windows
-
-            self._calib = calibration_windows(self.loaded.tokenizer, self.calib_data, self.calib_windows,
-                                              self.calib_seqlen, self.seed)
-        return self._calib
+        return self.session.calib_ids(self.calib_data, self.calib_windows, self.calib_seqlen, self.seed)
 
     @property
     def stats(self):
-        if self._stats is None:
-            from mpt_utils.calibration import collect_stats
-
-            self._stats = collect_stats(self.dense, self.calib, device=self.device, progress=False)
-        return self._stats
+        return self.session.dense_stats(self.calib_data, self.calib_windows, self.calib_seqlen, self.seed)
 
     # -- points -------------------------------------------------------------------------------------
     def base_config(self) -> dict[str, Any]:

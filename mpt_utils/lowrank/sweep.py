@@ -18,6 +18,7 @@ import pandas as pd
 from mpt_utils.catalogue import method_info
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
+from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 
 FAMILY = "lowrank"
@@ -50,43 +51,36 @@ class SweepSpec:
 
 
 class LowRankSweep:
-    """Lazy state for one model + calibration setting; `run(specs)` returns the tidy rows."""
+    """Table 7 points for one calibration and evaluation protocol; `run(specs)` returns the tidy rows.
+    The model, windows, dense statistics, evaluator and each method's plan come from `session`
+    (`mpt_utils.session.Session`, shared with the notebook's other drivers; one is made when none
+    is given)."""
 
     def __init__(self, model: str, store: ResultsStore, *, eval_data: str, calib_data: str, seqlen: int,
                  n_calib: int, max_eval_windows: int | None, seed: int = 0, device: str | None = None,
-                 extra_eval_data: Sequence[str] = (), progress: bool = True, loaded=None):
+                 extra_eval_data: Sequence[str] = (), progress: bool = True, loaded=None,
+                 session: Session | None = None):
         self.model_name, self.store = model, store
         self.eval_data, self.extra_eval_data = eval_data, [d for d in extra_eval_data if d]
         self.calib_data, self.seqlen, self.n_calib = calib_data, seqlen, n_calib
         self.max_eval_windows, self.seed, self.device, self.progress = max_eval_windows, seed, device, progress
-        self._loaded, self._calib, self._stats, self._plans = loaded, None, None, {}
-        self._paired = None
+        self.session = session or Session(model, store, device=device, loaded=loaded, progress=progress)
 
     # -- lazy pieces ------------------------------------------------------------------------------
     @property
     def loaded(self):
-        if self._loaded is None:
-            from mpt_utils.models import load_model
-
-            self._loaded = load_model(self.model_name, device=self.device)
-        return self._loaded
+        return self.session.loaded
 
     @property
     def calib(self):
-        if self._calib is None:
-            from mpt_utils.data import calibration_windows
-
-            self._calib = calibration_windows(self.loaded.tokenizer, self.calib_data, self.n_calib,
-                                              self.seqlen, self.seed)
-        return self._calib
+        return self.session.calib_ids(self.calib_data, self.n_calib, self.seqlen, self.seed)
 
     @property
     def stats(self):
-        if self._stats is None:
-            from mpt_utils.calibration import collect_stats
+        return self.session.dense_stats(self.calib_data, self.n_calib, self.seqlen, self.seed)
 
-            self._stats = collect_stats(self.loaded.model, self.calib, device=self.device, progress=self.progress)
-        return self._stats
+    def _plan_key(self, spec: SweepSpec) -> tuple:
+        return ("lowrank_plan", spec.name, self.calib_data, self.n_calib, self.seqlen, self.seed)
 
     def base_config(self) -> dict[str, Any]:
         return {"model": self.model_name, "family": FAMILY, "bits": None, "seed": self.seed,
@@ -103,9 +97,8 @@ class LowRankSweep:
                "registry_method": "asvd"}
 
         def compute():
-            plan = plan_asvd(self.loaded.model, self.calib, stats=self.stats, device=self.device,
-                             progress=self.progress, **opts)
-            self._plans[spec.name] = plan
+            plan = self.session.cached(self._plan_key(spec), lambda: plan_asvd(
+                self.loaded.model, self.calib, stats=self.stats, device=self.device, progress=self.progress, **opts))
             base = plan.info["sensitivity_base_ppl"]
             rows = [{"metric": "calib_ppl", "group": g, "reduction": c, "value": ppl}
                     for g, row in plan.info["sensitivity"].items() for c, ppl in row.items()]
@@ -119,29 +112,29 @@ class LowRankSweep:
         return table
 
     def plan(self, spec: SweepSpec):
-        if spec.name not in self._plans:
+        """The method's ratio-independent plan (its SVDs, ASVD's sensitivity), built once per session."""
+        key = self._plan_key(spec)
+
+        def build():
             from mpt_utils.lowrank import prepare
 
             opts = dict(spec.options)
             if spec.method == "asvd":
                 opts["sensitivity_table"] = self.sensitivity_table(spec)
-            if spec.name not in self._plans:  # the sensitivity compute may have built it already
-                calibrated = method_info(spec.method).calibration
-                stats = self.stats if calibrated and not opts.get("sequential") else None
-                self._plans[spec.name] = prepare(self.loaded.model, spec.method, self.calib, stats=stats,
-                                                 device=self.device, progress=self.progress, **opts)
-        return self._plans[spec.name]
+                if self.session.built(key):  # computing the sensitivity built the whole plan
+                    return self.session.cached(key, lambda: None)
+            calibrated = method_info(spec.method).calibration
+            stats = self.stats if calibrated and not opts.get("sequential") else None
+            return prepare(self.loaded.model, spec.method, self.calib, stats=stats, device=self.device,
+                           progress=self.progress, **opts)
+
+        return self.session.cached(key, build)
 
     # -- points -----------------------------------------------------------------------------------
     @property
     def paired(self):
         """Perplexity with the paired divergence from the dense model (`mpt_utils.eval.paired`)."""
-        if self._paired is None:
-            from mpt_utils.eval.paired import PairedEvaluator
-
-            self._paired = PairedEvaluator(self.model_name, self.loaded.tokenizer, self.seqlen,
-                                           self.max_eval_windows, store_root=self.store.root, device=self.device)
-        return self._paired
+        return self.session.paired(self.seqlen, self.max_eval_windows)
 
     def _ppl_rows(self, data: str) -> list[dict]:
         return self.paired.rows(self.loaded.model, [data], self.progress)
@@ -192,7 +185,7 @@ class LowRankSweep:
         rows = []
         for k, spec in enumerate(specs):
             if k:  # one method's factors at a time (a 7B model's are as large as the model itself)
-                self._plans.pop(specs[k - 1].name, None)
+                self.session.forget(self._plan_key(specs[k - 1]))
             for ratio in spec.ratios:
                 datasets = list(spec.datasets or [self.eval_data])
                 if ratio in spec.extra_ratios:

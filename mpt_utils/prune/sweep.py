@@ -14,7 +14,6 @@ in the per-layer `cache`; later blocks are then pruned for inputs they no longer
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.prune.masks import parse_pattern, pattern_name, resolve_sparsity
+from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 
 FAMILY = "unstructured"
@@ -61,33 +61,25 @@ def sweep_points(sparsities: Iterable[float] = (), patterns: Iterable[str] = ())
     return points
 
 
-class _Shared:
-    def __init__(self, loaded=None):
-        self.loaded = loaded
-        self.dense: dict[str, torch.Tensor] | None = None
-        self.pruned = True  # unknown until the first restore: the loaded model may come pruned
-
-
 class PruneSession:
     """One model, one calibration set, one evaluation protocol; points are computed on demand and
-    resumed from the store. The model is loaded only when a point is missing from the store."""
+    resumed from the store. The model, windows, dense statistics and evaluator come from `session`
+    (`mpt_utils.session.Session`, shared with the notebook's other drivers; one is made when none is
+    given), loaded only when a point is missing from the store. Points prune the session's model in
+    place and put its dense weights back (`Session.restore`)."""
 
     def __init__(self, model: str, store: ResultsStore, *, calib_data: str, n_calib: int, seqlen: int,
                  eval_data: Sequence[str], max_eval_windows: int | None = None, seed: int = 0,
                  device: str | None = None, mode: str = "sequential", calib_seqlen: int | None = None,
-                 loaded=None, progress: bool = False):
+                 loaded=None, progress: bool = False, session: Session | None = None):
         if mode not in MODES:
             raise MPTError(f"unknown sweep mode {mode!r}", f"use one of {MODES}")
         self.model, self.store, self.calib_data, self.n_calib = model, store, calib_data, int(n_calib)
         self.seqlen, self.calib_seqlen = int(seqlen), int(calib_seqlen or seqlen)
         self.eval_data, self.max_eval_windows, self.seed = list(eval_data), max_eval_windows, int(seed)
         self.device, self.mode, self.progress = device, mode, progress
-        self._shared = _Shared(loaded)  # the model and its dense weights, shared with derived sessions
-        self._calib: torch.Tensor | None = None
-        self._stats = None
+        self.session = session or Session(model, store, device=device, loaded=loaded, progress=progress)
         self._cache: dict[str, dict] = {}
-        self._scores: dict[str, list[float]] = {}  # OWL's dense block scores by method and options
-        self._paired = None
         self.stats_seconds = math.nan
 
     # -- lazily built, ratio-independent state -------------------------------------------------
@@ -97,97 +89,53 @@ class PruneSession:
                 "calib_seqlen", "progress")
         store = changes.pop("store", self.store)
         args = {k: getattr(self, k) for k in keys} | changes
-        other = PruneSession(self.model, store, **args)
-        other._shared = self._shared
-        return other
-
-    @property
-    def _loaded(self):
-        return self._shared.loaded
+        return PruneSession(self.model, store, session=self.session, **args)
 
     @property
     def loaded(self):
-        if self._shared.loaded is None:
-            from mpt_utils.models import load_model
+        return self.session.loaded
 
-            self._shared.loaded = load_model(self.model, device=self.device)
-        return self._shared.loaded
-
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        if self._shared.dense is None:  # the dense weights every point starts from (only block linears change)
-            from mpt_utils.prune.measure import block_linears
-
-            self._shared.dense = {f"{i}.{n}": lin.weight.detach().to("cpu", copy=True)
-                                  for i, linears in enumerate(block_linears(self.loaded.model))
-                                  for n, lin in linears.items()}
-        return self._shared.dense
-
-    @torch.no_grad()
     def restore(self) -> None:
         """Put the dense weights back into the model."""
-        from mpt_utils.prune.measure import block_linears
-
-        dense = self._snapshot()
-        for i, linears in enumerate(block_linears(self.loaded.model)):
-            for n, lin in linears.items():
-                lin.weight.copy_(dense[f"{i}.{n}"])
-        self._shared.pruned = False
+        self.session.restore()
 
     @property
     def calib_ids(self) -> torch.Tensor:
-        if self._calib is None:
-            from mpt_utils.data import calibration_windows
-
-            self._calib = calibration_windows(self.loaded.tokenizer, self.calib_data, self.n_calib,
-                                              self.calib_seqlen, self.seed)
-        return self._calib
+        return self.session.calib_ids(self.calib_data, self.n_calib, self.calib_seqlen, self.seed)
 
     @property
     def stats(self):
-        if self._stats is None:
-            from mpt_utils.calibration import collect_stats
-
-            self._snapshot()
-            if self._shared.pruned:
-                self.restore()
-            start = time.perf_counter()
-            self._stats = collect_stats(self.loaded.model, self.calib_ids, device=self.device,
-                                        progress=self.progress)
-            self.stats_seconds = time.perf_counter() - start
-        return self._stats
+        stats = self.session.dense_stats(self.calib_data, self.n_calib, self.calib_seqlen, self.seed)
+        self.stats_seconds = self.session.seconds(("stats", self.calib_data, self.n_calib, self.calib_seqlen,
+                                                   self.seed))
+        return stats
 
     @property
     def paired(self):
         """Perplexity with the paired divergence from the dense model (`mpt_utils.eval.paired`)."""
-        if self._paired is None:
-            from mpt_utils.eval.paired import PairedEvaluator
-
-            self._paired = PairedEvaluator(self.model, self.loaded.tokenizer, self.seqlen, self.max_eval_windows,
-                                           store_root=self.store.root, device=self.device)
-        return self._paired
+        return self.session.paired(self.seqlen, self.max_eval_windows)
 
     def block_scores(self, name: str, opts: dict[str, Any]) -> list[float] | None:
         """The dense block scores of an allocating method (OWL), computed once per session: every
         point and every ratio of a sweep allocates from the same dense model."""
         from mpt_utils.prune.engine import allocation_scores
 
-        key = f"{name}:{sorted(opts.items())!r}"
-        if key not in self._scores:
-            if self._shared.pruned:
-                self.restore()
+        def build() -> list[float] | None:
+            self.restore()
             data = {"stats": self.stats} if self.mode == "dense" else {"calib_ids": self.calib_ids}
-            scores = allocation_scores(self.loaded.model, name, device=self.device, progress=self.progress,
-                                       **data, **opts)
-            if scores is None:
-                return None
-            self._scores[key] = scores
-        return self._scores[key]
+            return allocation_scores(self.loaded.model, name, device=self.device, progress=self.progress,
+                                     **data, **opts)
+
+        key = ("block_scores", name, self.mode, self.calib_data, self.n_calib, self.calib_seqlen, self.seed,
+               repr(sorted(opts.items())))
+        return self.session.cached(key, build)
 
     def close(self) -> None:
-        """Free the statistics and caches (the model stays loaded and is restored to dense)."""
-        if self._shared.loaded is not None and self._shared.dense is not None:
-            self.restore()
-        self._stats, self._cache, self._scores = None, {}, {}
+        """Free this protocol's statistics and caches (the model stays loaded, restored to dense)."""
+        self.restore()
+        stats_key = ("stats", self.calib_data, self.n_calib, self.calib_seqlen, self.seed)
+        self.session.forget(stats_key, where=lambda k: isinstance(k, tuple) and k[:1] == ("block_scores",))
+        self._cache = {}
 
     # -- points --------------------------------------------------------------------------------
     def config(self, method: str, sparsity: float, pattern: str | None, opts: dict[str, Any]) -> dict[str, Any]:
@@ -220,9 +168,8 @@ class PruneSession:
 
         name, _ = parse_method(cfg["method"])
         spec = get_method(name)
-        self._snapshot()
-        if self._shared.pruned:
-            self.restore()
+        self.session.snapshot()
+        self.restore()
         self.paired.prepare(self.loaded.model, self.eval_data, self.progress)  # the model is dense here
         kwargs: dict[str, Any] = dict(cfg["opts"])
         if spec.calibration and self.mode == "dense":
@@ -233,7 +180,6 @@ class PruneSession:
             kwargs["block_scores"] = self.block_scores(name, cfg["opts"])
         pattern = None if cfg["pattern"] == "unstructured" else cfg["pattern"]
         try:
-            self._shared.pruned = True
             report = prune_model(self.loaded.model, name, None if pattern else cfg["ratio"], pattern=pattern,
                                  progress=self.progress, **kwargs)
             if pattern is not None and not report.nm_ok:

@@ -8,7 +8,6 @@ model / method / family="quant" / bits / seed, and `ratio` = compression against
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 
 from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
+from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 
 FAMILY = "quant"
@@ -42,62 +42,41 @@ class Setup:
 
 
 class Workbench:
-    """Lazily loaded dense model, its eval ids and calibration windows, shared by all points."""
+    """A quantization protocol (`Setup`) on a `Session` (`mpt_utils.session`): the session's lazily
+    loaded dense model, its evaluation ids, calibration windows, dense statistics and paired evaluator
+    for this protocol. `loader`: how the session loads the model when none is given."""
 
-    def __init__(self, setup: Setup, loader: Callable | None = None):
-        from mpt_utils.models import load_model
-
+    def __init__(self, setup: Setup, loader: Callable | None = None, *, session: Session | None = None):
         self.setup = setup
-        self._loader = loader or (lambda: load_model(setup.model, device=setup.device))
-        self._loaded = None
-        self._calib: torch.Tensor | None = None
-        self._stats = None
-        self._paired = None
+        self.session = session or Session(setup.model, device=setup.device, loader=loader)
 
     @property
     def loaded(self):
-        if self._loaded is None:
-            self._loaded = self._loader()
-        return self._loaded
+        return self.session.loaded
 
     def eval_ids(self) -> torch.Tensor:
-        from mpt_utils.data import eval_ids
-
-        return eval_ids(self.loaded.tokenizer, self.setup.eval_data)
+        return self.session.eval_ids(self.setup.eval_data)
 
     def calib_ids(self) -> torch.Tensor:
-        from mpt_utils.data import calibration_windows
-
-        if self._calib is None:
-            s = self.setup
-            self._calib = calibration_windows(self.loaded.tokenizer, s.calib_data, s.n_calib, s.seqlen, s.seed)
-        return self._calib
+        s = self.setup
+        return self.session.calib_ids(s.calib_data, s.n_calib, s.seqlen, s.seed)
 
     def dense_stats(self):
         """Every block linear's input statistics on the dense model, gathered once by the shared
         engine (AWQ's scale search and llama.cpp's importance matrix both read dense inputs)."""
-        from mpt_utils.calibration import collect_stats
-
-        if self._stats is None:
-            self._stats = collect_stats(self.loaded.model, self.calib_ids(), device=self.setup.device,
-                                        progress=False)
-        return self._stats
+        s = self.setup
+        return self.session.dense_stats(s.calib_data, s.n_calib, s.seqlen, s.seed)
 
     def paired(self, store_root=None):
         """The evaluator of every point: perplexity and KL to the dense model on the same windows
         (`mpt_utils.eval.paired`); the dense reference is cached under `store_root` when given."""
-        from mpt_utils.eval.paired import PairedEvaluator
-
-        if self._paired is None:
-            s = self.setup
-            self._paired = PairedEvaluator(s.model, self.loaded.tokenizer, s.seqlen, s.max_windows,
-                                           store_root=store_root, device=s.device)
-        if store_root is not None and self._paired.store_root is None:
-            self._paired.store_root = store_root
-        return self._paired
+        paired = self.session.paired(self.setup.seqlen, self.setup.max_windows)
+        if store_root is not None and paired.store_root is None:
+            paired.store_root = store_root
+        return paired
 
     def fresh_model(self) -> torch.nn.Module:
-        return copy.deepcopy(self.loaded.model)
+        return self.session.fresh_model()
 
 
 def _ppl_rows(model: torch.nn.Module, bench: Workbench, store: ResultsStore, progress: bool) -> list[dict]:

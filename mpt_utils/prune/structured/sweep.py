@@ -21,6 +21,7 @@ from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.eval.paired import PairedEvaluator
 from mpt_utils.models import LoadedModel
 from mpt_utils.prune.structured import STRUCTURED, structured_prune
+from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 
 FAMILY = "structured"
@@ -72,15 +73,12 @@ class _Lazy:
         return self._value
 
 
-def _calib(settings: SweepSettings, tokenizer, method: str, cache: dict) -> torch.Tensor | None:
+def _calib(settings: SweepSettings, session: Session, method: str) -> torch.Tensor | None:
     if not STRUCTURED.info(method).calibration:
         return None
-    key = ("calib", settings.calib_data, settings.n_calib, settings.seqlen, settings.seed)
-    if key not in cache:
-        cache[key] = calibration_windows(tokenizer, settings.calib_data, settings.n_calib, settings.seqlen,
-                                         settings.seed)
+    windows = session.calib_ids(settings.calib_data, settings.n_calib, settings.seqlen, settings.seed)
     cal = settings.calib_slices.get(method, {})
-    return cache[key][: cal.get("n"), : cal.get("seqlen")]
+    return windows[: cal.get("n"), : cal.get("seqlen")]
 
 
 def _ppl_rows(model, dense, paired: PairedEvaluator, settings: SweepSettings, ratio: float,
@@ -91,18 +89,21 @@ def _ppl_rows(model, dense, paired: PairedEvaluator, settings: SweepSettings, ra
     return paired.rows(model, datasets, progress)
 
 
-def structured_sweep(loaded: LoadedModel, store: ResultsStore, settings: SweepSettings,
+def structured_sweep(source: Session | LoadedModel, store: ResultsStore, settings: SweepSettings,
                      methods: list[str], ratios: list[float] | dict[str, list[float]],
                      progress: bool = False, log: Callable[[str], None] | None = print) -> pd.DataFrame:
-    """Run (or read back) every method at every ratio; returns all rows of these points."""
+    """Run (or read back) every method at every ratio; returns all rows of these points. `source`: the
+    notebook's `Session` (model, windows and evaluator shared with its other drivers), or a loaded
+    model (a session is made around it)."""
     from mpt_utils.eval.speed import measure_speed
     from mpt_utils.prune.structured.recovery import lora_recover
 
     for m in methods:  # unknown methods and misspelled options fail before any work
         STRUCTURED.check_options(m, settings.options.get(m, {}))
-    dense, tok = loaded.model, loaded.tokenizer
-    paired = PairedEvaluator(settings.model, tok, settings.seqlen, settings.max_eval_windows, store_root=store.root,
-                             device=settings.device)
+    session = source if isinstance(source, Session) else Session(settings.model, store, device=settings.device,
+                                                                 loaded=source)
+    dense, tok = session.dense, session.tokenizer
+    paired = session.paired(settings.seqlen, settings.max_eval_windows)
     cache: dict = {}
     rows: list[dict] = []
     rec = settings.recovery or {}
@@ -115,7 +116,7 @@ def structured_sweep(loaded: LoadedModel, store: ResultsStore, settings: SweepSe
 
             def build(method=method, ratio=ratio):
                 model = copy.deepcopy(dense)
-                res = structured_prune(model, method, ratio, _calib(settings, tok, method, cache), cache=cache,
+                res = structured_prune(model, method, ratio, _calib(settings, session, method), cache=cache,
                                        seed=settings.seed, progress=progress, **settings.options.get(method, {}))
                 if log:
                     log(f"{method} ratio={ratio}: removed {res.param_reduction:.1%} of all parameters "
@@ -171,8 +172,8 @@ def structured_sweep(loaded: LoadedModel, store: ResultsStore, settings: SweepSe
 
                 def rec_rows(pruned=pruned, kw=kw, size=size, ratio=ratio, free=free):
                     model, _ = pruned.get()
-                    train = calibration_windows(tok, settings.calib_data, rec.get("windows", 64),
-                                                rec.get("seqlen", settings.seqlen), settings.seed + 1)
+                    train = session.calib_ids(settings.calib_data, rec.get("windows", 64),
+                                              rec.get("seqlen", settings.seqlen), settings.seed + 1)
                     info = lora_recover(model, train, seed=settings.seed, device=settings.device,
                                         progress=progress, **kw)
                     pruned._value = None  # weights changed: later points must not reuse this model

@@ -1,0 +1,94 @@
+"""One session per model: every family's driver takes the model, windows, statistics and evaluator
+from it, so a notebook running several drivers loads and calibrates once, and keys do not change."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpt_utils.combined.grid import GridSetup, metric, point_config
+from mpt_utils.errors import MPTError
+from mpt_utils.lowrank.sweep import LowRankSweep, SweepSpec
+from mpt_utils.prune.structured.sweep import SweepSettings, structured_sweep
+from mpt_utils.prune.sweep import PruneSession
+from mpt_utils.quant.sweep import Setup, Workbench, quant_point
+from mpt_utils.session import Session
+from mpt_utils.store import ResultsStore
+from mpt_utils.testing import tiny_model
+
+
+@pytest.fixture
+def counted(tmp_path):
+    """A session whose loader counts its calls, and its store."""
+    calls: list[int] = []
+    loaded = tiny_model("llama", seed=0)
+
+    def loader():
+        calls.append(1)
+        return loaded
+
+    store = ResultsStore(tmp_path / "store")
+    return Session("tiny-llama", store, device="cpu", loader=loader), store, calls
+
+
+def test_every_family_driver_shares_one_load_one_calibration_and_one_evaluator(counted, corpus, monkeypatch):
+    from mpt_utils import data
+
+    session, store, calls = counted
+    drawn: list[tuple] = []
+    real = data.calibration_windows
+    monkeypatch.setattr(data, "calibration_windows", lambda *a: drawn.append(a[1:]) or real(*a))
+    protocol = dict(calib_data=corpus, n_calib=4, seqlen=32, seed=0)
+
+    prune = PruneSession("tiny-llama", store, eval_data=[corpus], max_eval_windows=2, session=session, **protocol)
+    prune.point("wanda", 0.5)
+    lowrank = LowRankSweep("tiny-llama", store, eval_data=corpus, max_eval_windows=2, session=session, **protocol)
+    lowrank.run([SweepSpec("svd_llm", [0.2], {"update": "none"})])
+    bench = Workbench(Setup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol),
+                      session=session)
+    quant_point(store, bench, "gptq", 4, group_size=32, progress=False)
+    settings = SweepSettings(model="tiny-llama", eval_data=corpus, max_eval_windows=2, **protocol)
+    structured_sweep(session, store, settings, ["shortgpt"], [0.25], log=None)
+    grid = GridSetup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol)
+    session.point("wanda@0.5 > rtn:4bit", grid)
+
+    assert calls == [1]  # one load for five drivers
+    assert drawn == [(corpus, 4, 32, 0)]  # one calibration draw
+    assert session.paired(32, 2) is prune.paired is lowrank.paired is bench.paired()
+    assert lowrank.stats is bench.dense_stats()  # one dense statistics pass
+
+
+def test_the_recipe_point_is_the_grid_point_and_a_rerun_loads_nothing(counted, corpus):
+    session, store, calls = counted
+    grid = GridSetup(model="tiny-llama", eval_data=corpus, calib_data=corpus, n_calib=4, seqlen=32, max_windows=2,
+                     seed=0, device="cpu")
+    rows = session.sweep(["wanda@0.5", "wanda@0.5 > rtn:4bit"], grid)
+    dense = session.dense_point(grid)
+    assert metric(dense, "compression_nominal")["value"] == 0.0
+    assert metric(dense, "kl_mean")["value"] == pytest.approx(0.0, abs=1e-6)
+    assert metric(rows[:len(rows) // 2], "kl_mean")["value"] > 0  # the pruned model moved away from dense
+    ppl = [r["value"] for r in rows if r["metric"] == "ppl"]
+    assert store.has(point_config(grid, "wanda@0.5 > rtn:4bit"))  # stored under the grid's own key
+
+    fresh_calls: list[int] = []
+    fresh = Session("tiny-llama", store, loader=lambda: fresh_calls.append(1))
+    again = fresh.sweep(["wanda@0.5", "wanda@0.5 > rtn:4bit"], grid)
+    assert [r["value"] for r in again if r["metric"] == "ppl"] == ppl and fresh_calls == []
+
+
+def test_in_place_drivers_restore_the_dense_weights_and_caches_can_be_dropped(counted, corpus):
+    session, store, _ = counted
+    before = {n: p.clone() for n, p in session.dense.named_parameters()}
+    PruneSession("tiny-llama", store, calib_data=corpus, n_calib=4, seqlen=32, eval_data=[corpus],
+                 max_eval_windows=2, session=session).point("sparsegpt", 0.6)
+    assert all((p == before[n]).all() for n, p in session.dense.named_parameters())
+    stats = session.dense_stats(corpus, 4, 32, 0)
+    assert session.built(("stats", corpus, 4, 32, 0)) and session.seconds(("stats", corpus, 4, 32, 0)) >= 0
+    session.forget(("stats", corpus, 4, 32, 0))
+    assert not session.built(("stats", corpus, 4, 32, 0)) and session.dense_stats(corpus, 4, 32, 0) is not stats
+
+
+def test_a_session_without_a_store_says_what_to_pass(corpus):
+    session = Session("tiny-llama", loaded=tiny_model("llama"))
+    grid = GridSetup(model="tiny-llama", eval_data=corpus, calib_data=corpus, n_calib=2, seqlen=32, max_windows=1)
+    with pytest.raises(MPTError, match="no results store"):
+        session.point("wanda@0.5", grid)
