@@ -186,14 +186,18 @@ def structured_sweep(source: Session | LoadedModel, store: ResultsStore, setting
     return pd.DataFrame(rows)
 
 
-def save_and_reload(loaded: LoadedModel, method: str, ratio: float, settings: SweepSettings, path: str | Path,
-                    n_check: int = 2) -> dict[str, Any]:
-    """Prune one copy, save it with save_pretrained, reload it through load_model, compare logits."""
+def save_and_reload(source: Session | LoadedModel, method: str, ratio: float, settings: SweepSettings,
+                    path: str | Path, n_check: int = 2) -> dict[str, Any]:
+    """Prune one copy, save it with save_pretrained, reload it through load_model, compare logits.
+    `source`: the notebook's `Session` or a loaded model."""
     from mpt_utils.models import load_model
     from mpt_utils.prune.structured.surgery import save_pruned
 
-    model = copy.deepcopy(loaded.model)
-    cal = _calib(settings, loaded.tokenizer, method, {})
+    session = source if isinstance(source, Session) else Session(settings.model, device=settings.device,
+                                                                 loaded=source)
+    loaded = session.loaded
+    model = session.fresh_model()
+    cal = _calib(settings, session, method)
     res = structured_prune(model, method, ratio, cal, seed=settings.seed, progress=False,
                            **settings.options.get(method, {}))
     save_pruned(model, path, loaded.tokenizer, meta=res.as_dict())
