@@ -23,4 +23,14 @@ def test_structured_notebook_runs_on_tiny_model(tmp_path):
     assert "same-top-1 %" in text and "Paired metric. " in text  # KL beside PPL, and its computed sentence
     for name in ("04_structured_ptp", "04_structured_recovery_size", "04_structured_speed", "04_structured_kl"):
         assert (tmp_path / "fig" / f"{name}.png").exists()
-    assert (tmp_path / "store" / "04_ptp_structured.csv").exists()
+    import pandas as pd
+
+    from mpt_utils.store import ResultsStore
+
+    ptp = pd.read_csv(tmp_path / "store" / "04_ptp_structured.csv")
+    ours = ptp[ptp.source == "tiny-llama"]
+    assert set(ours.axis_unit) == {"weight bytes removed (measured)"} and "ptp (knob)" in ptp.columns
+    # the curves' x values are the measured reductions, which differ from the requested knob values
+    rows = ResultsStore(tmp_path / "store").frame()
+    measured = rows[(rows.metric == "param_reduction") & (rows.method == "slicegpt")].value
+    assert len(measured) and not set(measured.round(6)) <= {0.25, 0.5}
