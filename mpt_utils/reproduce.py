@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import tempfile
@@ -267,6 +268,33 @@ def summary_table(runs: list[dict[str, Any]], indent: str = "  ") -> str:
     return "\n".join(indent + line.rstrip() for line in lines)
 
 
+RUNS_FILE = "runs.json"
+
+
+def merged_runs(out_dir: Path, profile: Profile, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The index rows of every notebook of the profile: this run's rows, and for a notebook not run
+    this time (`--only`) the row of its last run in `out_dir` (kept in runs.json, marked as earlier),
+    so the index never forgets a rendered report. Writes runs.json."""
+    path = out_dir / RUNS_FILE
+    try:
+        kept = {r["notebook"]: r for r in json.loads(path.read_text()) if r.get("status") != "not run"}
+    except (OSError, ValueError, TypeError, KeyError):
+        kept = {}
+    ran = {r["notebook"]: r for r in runs if r["status"] != "not run"}
+    kept.update(ran)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(sorted(kept.values(), key=lambda r: r["notebook"]), indent=1))
+    except OSError as err:
+        if _storage_fault(err):
+            raise
+    rows = {r["notebook"]: r for r in runs}  # this run's, "not run" included
+    for nb, row in kept.items():
+        if nb not in ran and (nb in profile.notebooks or nb in rows):
+            rows[nb] = {**row, "error": row.get("error") or "from an earlier run (not rerun this time)"}
+    return [rows[nb] for nb in sorted(rows)]
+
+
 def run_profile(profile: Profile, declared: dict[str, dict[str, ParamSpec]], notebooks_dir: Path,
                 out_dir: Path, store_dir: Path, kernel: str = "python3") -> tuple[list[dict[str, Any]], Path]:
     """Run the profile's selected notebooks into `out_dir`; returns the index rows and the index path.
@@ -298,12 +326,13 @@ def run_profile(profile: Profile, declared: dict[str, dict[str, ParamSpec]], not
     done = {r["notebook"] for r in runs}
     runs += [{"notebook": nb, "status": "not run", "error": "", "seconds": 0, "ipynb": "", "html": ""}
              for nb in selected if nb not in done]
+    listed = merged_runs(out_dir, profile, runs)  # an --only run updates its notebooks' rows, keeps the rest
     if isinstance(stop, KeyboardInterrupt):
         note = "Stopped by Ctrl-C; rerun to resume (finished points are in the store)."
     elif stop is not None:
         note = f"Stopped: {describe_os_error(stop)}."
     try:
-        index = _finish(out_dir, store_dir, profile.name, runs, note)
+        index = _finish(out_dir, store_dir, profile.name, listed, note)
     except OSError:
         if stop is not None:
             raise stop from None  # the first fault is the one to report

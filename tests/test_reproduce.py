@@ -411,3 +411,20 @@ def test_declared_types():
     assert param_spec("l", "[1, 2]").items == {"int"}
     assert param_spec("m", '["a", 1]').items is None
     assert param_spec("any", "None").accepts is None and param_spec("f", "make()").accepts is None
+
+
+def test_an_only_run_keeps_the_other_notebooks_in_the_index(tiny, monkeypatch, capsys):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute())
+    assert reproduce.main(tiny["args"]) == 0
+    first = {r["notebook"]: r for r in json.loads((tiny["out"] / reproduce.RUNS_FILE).read_text())}
+    assert set(first) == {"a_first", "b_second", "c_third"}
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute({"b_second": (RuntimeError("now broken"), True)}))
+    assert reproduce.main([*tiny["args"], "--only", "b_second"]) == 1
+    index = (tiny["out"] / "index.html").read_text()
+    assert "now broken" in index  # b_second's new row
+    assert "a_first" in index and "c_third" in index and "from an earlier run" in index  # the others are kept
+    kept = {r["notebook"]: r for r in json.loads((tiny["out"] / reproduce.RUNS_FILE).read_text())}
+    assert kept["b_second"]["status"] == "failed" and kept["a_first"] == first["a_first"]
