@@ -62,7 +62,7 @@ def _files(store: ResultsStore) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def local_ray():
     if not has_ray():
         pytest.skip("ray is not importable (install the extra: pip install -e '.[ray]')")
     with ray_cluster(num_cpus=2, object_store_memory=200 * 2**20) as ray:  # a local node, no dashboard
@@ -102,7 +102,7 @@ def test_a_worker_adopts_the_shared_dense_reference_instead_of_recomputing_it(tm
 
 
 @NEEDS_RAY
-def test_a_ray_sweep_stores_the_points_of_the_local_executor(tmp_path, corpus, ray_cluster, local_points):
+def test_a_ray_sweep_stores_the_points_of_the_local_executor(tmp_path, corpus, local_ray, local_points):
     local_store, local = local_points
     store = ResultsStore(tmp_path / "ray")
     bench = GridBench(_setup(corpus), TinyLoader())
@@ -111,14 +111,14 @@ def test_a_ray_sweep_stores_the_points_of_the_local_executor(tmp_path, corpus, r
     assert _files(store) == _files(local_store)  # same keys, one complete file per point, no temp file
     assert bench._loaded is None  # the driver never loaded the model: workers did
     peak = next(r for r in remote[0] if r["metric"] == "peak_device_bytes")
-    assert math.isnan(peak["value"]) and peak["peak_memory"] == "n/a"  # CPU: no device counter
+    assert peak["value"] is None and peak["peak_memory"] == "n/a"  # CPU: no device counter
 
     # already stored points are read back by the driver; no task, no model
     def fail():
         raise AssertionError("a stored point was computed again")
 
     again = run_points(store, GridBench(_setup(corpus), fail), RECIPES, executor="ray")
-    assert [[r["value"] for r in p] for p in again] == [[r["value"] for r in p] for p in remote]
+    _assert_same_points(again, remote)
 
     # the sweep table through the same executor
     table = sweep(store, GridBench(_setup(corpus), fail), "wanda@{r}", [0.3, 0.5], executor="ray")
@@ -127,7 +127,7 @@ def test_a_ray_sweep_stores_the_points_of_the_local_executor(tmp_path, corpus, r
 
 
 @NEEDS_RAY
-def test_a_killed_worker_leaves_no_partial_point_and_its_retry_completes_it(tmp_path, corpus, ray_cluster,
+def test_a_killed_worker_leaves_no_partial_point_and_its_retry_completes_it(tmp_path, corpus, local_ray,
                                                                            local_points):
     _, local = local_points
     marker = tmp_path / "crashed"
@@ -141,7 +141,7 @@ def test_a_killed_worker_leaves_no_partial_point_and_its_retry_completes_it(tmp_
 
 
 @NEEDS_RAY
-def test_without_retries_the_killed_point_is_reported_and_absent(tmp_path, corpus, ray_cluster):
+def test_without_retries_the_killed_point_is_reported_and_absent(tmp_path, corpus, local_ray):
     marker = tmp_path / "crashed"
     store = ResultsStore(tmp_path / "ray")
     recipe = "wanda@0.5"

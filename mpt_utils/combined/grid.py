@@ -21,7 +21,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -291,10 +290,10 @@ def compute_point(bench: GridBench, recipe: Recipe | str, *, store_root: str | P
 
 
 def _peak_row(bench: GridBench) -> dict[str, Any]:
-    """The most device memory the point used (CUDA's counter); NaN with `peak_memory: "n/a"` on a
+    """The most device memory the point used (CUDA's counter); None with `peak_memory: "n/a"` on a
     device without one (CPU)."""
     peak = peak_device_memory(bench.setup.device)
-    return {"metric": "peak_device_bytes", "value": float(peak) if peak is not None else math.nan,
+    return {"metric": "peak_device_bytes", "value": float(peak) if peak is not None else None,
             "peak_memory": "cuda.max_memory_allocated" if peak is not None else "n/a",
             "stream": bool(bench.setup.stream)}
 
@@ -306,7 +305,7 @@ def grid_point(store: ResultsStore, bench: GridBench, recipe: Recipe | str, *, k
     Rows: the perplexity row and the KL rows of `PairedEvaluator`, the three sizes with their
     compression against the dense model (`Sizes.rows`), one `step_seconds` row per torch step (its
     report as JSON), for a GGUF recipe what the file holds (bits per weight, tensor types,
-    llama.cpp's fallbacks), and `peak_device_bytes` (NaN off CUDA). Every row carries `recipe`,
+    llama.cpp's fallbacks), and `peak_device_bytes` (None off CUDA). Every row carries `recipe`,
     `ratio` (the nominal compression, the paper's axis) and `bits` (the quantization step's nominal
     bits, None without one). `keep_files` keeps the GGUF under `bench.work_dir` (then required;
     files are written there in any case when it is set, else in a temporary folder, and deleted
