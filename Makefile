@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PROFILE ?= embedded
 # CPU build of torch for machines without CUDA; a CUDA torch already visible to $(PYTHON) is kept.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= gguf,eval,recovery,notebooks,dev
+EXTRAS ?= gguf,eval,recovery,notebooks,dev,ray
 STAMP := $(VENV)/.mpt-installed
 
 .PHONY: setup test reproduce lab bench lint clean-reports

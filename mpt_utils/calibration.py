@@ -4,11 +4,20 @@ As in SparseGPT/GPTQ/Wanda: capture the inputs of decoder block 0 on the calibra
 for each block i: run it while hooks accumulate per-linear input statistics, let the method compress
 the block from those statistics, and produce the inputs of block i+1 by running the (compressed,
 when `sequential`) block again. Only one block and the captured activations live on the device.
+
+Block streaming (`stream=True`, or every call inside `with streaming():`) is for models larger than
+the device: the model rests on CPU for the whole run; the modules outside the blocks (embeddings,
+rotary embedding) visit the device only while block 0's inputs are captured, then each block visits
+it in turn and goes back to CPU before the next one comes. The device then holds one block, its
+statistics and the activations, and the numbers are those of the in-memory engine (the same
+operations on the same device). `peak_device_memory` reads what a run used at most.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -155,31 +164,84 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, device: torc
 
 OnBlock = Callable[[int, nn.Module, dict[str, LayerStats]], None]
 
+# the default of `layerwise(stream=None)`: set by `streaming()` so a whole recipe streams without
+# every family's entry point passing the flag down
+_STREAM: ContextVar[bool] = ContextVar("mpt_stream_blocks", default=False)
+OFFLOAD = torch.device("cpu")
+
+
+@contextlib.contextmanager
+def streaming(enabled: bool = True) -> Iterator[None]:
+    """Every `layerwise` call inside the block (pruning, GPTQ, AWQ, SVD-LLM, statistics) streams
+    blocks from CPU (module docstring) unless it passes `stream=False` itself."""
+    token = _STREAM.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _STREAM.reset(token)
+
+
+def streaming_enabled() -> bool:
+    """Whether `layerwise(stream=None)` streams here (inside `streaming()`)."""
+    return _STREAM.get()
+
+
+def _place(module: nn.Module, device: torch.device) -> nn.Module:
+    """Move `module` (a block, or a leaf outside the blocks) to `device`: the one place the engine
+    moves weights, so the streaming bookkeeping can be checked."""
+    return module.to(device)
+
+
+def reset_peak_device_memory(device: str | torch.device | None) -> None:
+    """Start a new peak for `peak_device_memory` (CUDA only; nothing to do elsewhere)."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def peak_device_memory(device: str | torch.device | None) -> int | None:
+    """Bytes allocated at most on a CUDA `device` since the last reset
+    (`torch.cuda.max_memory_allocated`); None elsewhere, where torch keeps no such counter."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated(dev))
+    return None
+
 
 @torch.no_grad()
 def layerwise(model: nn.Module, calib_ids: torch.Tensor, on_block: OnBlock, *, sequential: bool = True,
               device: str | torch.device | None = None, keep_rows: int = 0,
               layer_filter: Callable[[str], bool] | None = None, progress: bool = True,
-              desc: str = "blocks") -> None:
+              desc: str = "blocks", stream: bool | None = None) -> None:
     """Run `on_block(i, block, stats)` for every decoder block, in order, on calibration inputs.
 
     `stats` maps each linear's name inside the block to its LayerStats. With `sequential=True` the
     next block sees the outputs of the compressed block (SparseGPT/GPTQ), else of the dense one.
+    `stream`: keep the model on CPU and move one block at a time to `device` (module docstring);
+    None: as set by `streaming()` (off by default). The model ends where it started.
     """
     from mpt_utils.models import pick_device
 
     dev = pick_device(device)
+    stream = streaming_enabled() if stream is None else bool(stream)
     layers = decoder_layers(model)
     home = next(model.parameters()).device
-    # Everything but the blocks goes to the device; blocks visit it one at a time.
-    for _name, child in _non_layer_modules(model, layers):
-        child.to(dev)
+    rest = OFFLOAD if stream else home  # where a block goes after its visit to the device
+    if stream and home != OFFLOAD:
+        _place(model, OFFLOAD)
+    # Everything but the blocks goes to the device (for the capture); blocks visit it one at a time.
+    outside = [child for _name, child in _non_layer_modules(model, layers)]
+    for child in outside:
+        _place(child, dev)
     was_training = model.training
     model.eval()
     try:
         inputs, kwargs = capture_block_inputs(model, calib_ids, dev)
+        if stream:  # only the capture needs them; the blocks' kwargs (rotary cos/sin) are already tensors
+            for child in outside:
+                _place(child, OFFLOAD)
         for i in progress_bar(range(len(layers)), desc=desc, disable=not progress, leave=False):
-            block = layers[i].to(dev)
+            block = _place(layers[i], dev)
             linears = {n: m for n, m in linear_layers(block).items() if layer_filter is None or layer_filter(n)}
             stats = {n: LayerStats(m.in_features, dev, keep_rows) for n, m in linears.items()}
             hooks = [m.register_forward_hook(_accumulate(stats[n])) for n, m in linears.items()]
@@ -194,10 +256,10 @@ def layerwise(model: nn.Module, calib_ids: torch.Tensor, on_block: OnBlock, *, s
             if sequential:
                 outputs = [_first_output(block(x, **kwargs)) for x in inputs]
             inputs = outputs
-            layers[i].to(home)
+            _place(layers[i], rest)
             del stats
     finally:
-        model.to(home)
+        _place(model, home)
         model.train(was_training)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -221,7 +283,8 @@ def _non_layer_modules(model: nn.Module, layers: nn.ModuleList):
 @torch.no_grad()
 def collect_stats(model: nn.Module, calib_ids: torch.Tensor, *, device: str | torch.device | None = None,
                   keep_rows: int = 0, layer_filter: Callable[[str], bool] | None = None,
-                  progress: bool = True, store_device: str = "cpu") -> dict[str, LayerStats]:
+                  progress: bool = True, store_device: str = "cpu",
+                  stream: bool | None = None) -> dict[str, LayerStats]:
     """Statistics of every linear in every block from the dense model in one pass, keyed by the full
     module name. Ratio sweeps compute this once and reuse it for every point (one-shot from dense)."""
     layers = decoder_layers(model)
@@ -233,5 +296,5 @@ def collect_stats(model: nn.Module, calib_ids: torch.Tensor, *, device: str | to
             collected[f"{prefix[id(block)]}.{name}"] = st.to(store_device)
 
     layerwise(model, calib_ids, keep, sequential=False, device=device, keep_rows=keep_rows,
-              layer_filter=layer_filter, progress=progress, desc="calibration stats")
+              layer_filter=layer_filter, progress=progress, desc="calibration stats", stream=stream)
     return collected

@@ -61,7 +61,7 @@ def _setup(args: argparse.Namespace):
             raise MPTError(f"--{name.replace('_', '-')} {getattr(args, name)} is not positive", "pass a count ≥ 1")
     return GridSetup(model=args.model, eval_data=args.eval_data, calib_data=args.calib_data or args.eval_data,
                      seqlen=args.seqlen, n_calib=args.n_calib, max_windows=args.max_windows, seed=args.seed,
-                     device=args.device)
+                     device=args.device, stream=bool(getattr(args, "stream", False)))
 
 
 def _slug(text: str) -> str:
@@ -86,7 +86,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise MPTError(f"--csv {out} is a folder", "pass a file name, e.g. --csv sweep.csv")
     store = ResultsStore(args.results)
     table = sweep(store, GridBench(setup, n_threads=args.threads), args.recipe_template, args.ratios,
-                  dense=args.dense, progress=args.progress)
+                  dense=args.dense, progress=args.progress, executor=args.executor, max_retries=args.max_retries)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     shown = [table.columns[0], *SWEEP_SHOWN]
@@ -278,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="add the uncompressed model as the first point")
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (GGUF steps)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local: points one after another here (default); ray: one Ray task per missing point "
+                        "on the cluster at $RAY_ADDRESS, else a local one")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="Ray: reruns of a point whose worker died (default 3)")
+    p.add_argument("--stream", action="store_true",
+                   help="keep the model on CPU and move one decoder block at a time to --device while compressing")
 
     p = sub.add_parser("fit", help="eq. 5 PTP fit of a curve from a CSV or a results store",
                        formatter_class=raw, description=(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from mpt_utils.models import LoadedModel, model_info
@@ -49,3 +53,45 @@ def tiny_model(arch: str = "llama", seed: int = 0, **config_overrides) -> Loaded
     config = tiny_config(arch, **config_overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     return LoadedModel(model, tiny_tokenizer(), model_info(model, f"tiny-{arch}", "memory"))
+
+
+@dataclass(frozen=True)
+class TinyLoader:
+    """`tiny_model(arch, seed)` as a picklable loader: a Ray worker imports it by name and builds
+    the same model as the driver (`GridBench(setup, TinyLoader())`)."""
+
+    arch: str = "llama"
+    seed: int = 0
+
+    def __call__(self) -> LoadedModel:
+        return tiny_model(self.arch, self.seed)
+
+
+@dataclass(frozen=True)
+class CrashOnceLoader(TinyLoader):
+    """A tiny model whose process dies (`os._exit`, as the OOM killer or a preemption would end it)
+    the first time any process runs block 0's first linear with pruned (zero) weights, i.e. in the
+    middle of a compression, after the dense reference. `marker`: a file created by the crash, so
+    exactly one process of all those sharing it crashes."""
+
+    marker: str = ""
+
+    def __call__(self) -> LoadedModel:
+        loaded = super().__call__()
+        from mpt_utils.calibration import decoder_layers, linear_layers
+
+        first = next(iter(linear_layers(decoder_layers(loaded.model)[0]).values()))
+        marker = self.marker
+
+        def crash(module: torch.nn.Module, _args: Any, _output: Any) -> None:
+            if not bool((module.weight == 0).any()):
+                return
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.close(fd)
+            os._exit(1)
+
+        first.register_forward_hook(crash)
+        return loaded

@@ -5,7 +5,7 @@ set -euo pipefail
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-gguf,eval,recovery,notebooks,dev}
+EXTRAS=${EXTRAS:-gguf,eval,recovery,notebooks,dev,ray}
 
 has_cuda_torch() {
     "$1" - <<'PY' 2>/dev/null

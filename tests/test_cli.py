@@ -130,6 +130,8 @@ def test_plan_prints_a_safe_plan_from_the_store(tmp_path, corpus, capsys):
     (["sweep", "--model", MODEL, "--recipe-template", "wanda@{r}", "--ratios", "1.5"], "wanda@1.5"),
     (["sweep", "--model", MODEL, "--recipe-template", "wandda@{r}", "--ratios", "0.5"], "wandda"),
     (["sweep", "--model", MODEL, "--recipe-template", "wanda@{r}"], "--ratios"),
+    (["sweep", "--model", MODEL, "--recipe-template", "wanda@{r}", "--ratios", "0.5", "--executor", "dask"],
+     "invalid choice"),
     (["fit", "--csv", "no/such.csv"], "no CSV at"),
     (["fit"], "one source"),
     (["plan", "--model", MODEL, "--results", "no/such/store", "--epsilon", "1"], "no results store"),

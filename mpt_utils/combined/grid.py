@@ -17,18 +17,20 @@ missing from the store.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mpt_utils.calibration import peak_device_memory, reset_peak_device_memory, streaming
 from mpt_utils.combined.export import export_recipe_gguf
 from mpt_utils.combined.sizes import Sizes, gguf_bits, model_sizes
 from mpt_utils.errors import MPTError
@@ -48,12 +50,16 @@ class GridSetup(Setup):
     `eval_data` and `calib_data` corpora, `n_calib` calibration windows of `seqlen` tokens drawn with
     `seed`, at most `max_windows` evaluation windows of `seqlen`, the accounting's `dense_dtype_bytes`,
     and for GGUF recipes the `export_dtype` of the file llama.cpp quantizes and its `kv_type`.
-    `device` and llama.cpp's thread count do not change the numbers and are not part of the key.
+    `device`, `stream` (block streaming from CPU) and llama.cpp's thread count do not change the
+    numbers and are not part of the key.
     A `quant.sweep.Setup` with three more fields, so `Workbench` loads and calibrates for it."""
 
     export_dtype: str = "f16"
     kv_type: str = "f16"
     dense_dtype_bytes: float = 2
+    # the model rests on CPU and the calibration engine moves one block at a time to `device`
+    # (`mpt_utils.calibration.streaming`); the same numbers, so not part of the key
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.export_dtype not in ("f16", "f32"):
@@ -91,6 +97,11 @@ class GridBench(Workbench):
     def __init__(self, setup: GridSetup, loader: Callable[[], Any] | None = None, *,
                  work_dir: str | Path | None = None, n_threads: int | None = None, keep_prefixes: int = 2,
                  session: Session | None = None):
+        if loader is None and setup.stream:  # streaming: the dense model rests on CPU
+            from mpt_utils.models import load_model
+
+            def loader() -> Any:
+                return load_model(setup.model, device="cpu")
         super().__init__(setup, loader, session=session)
         self.setup: GridSetup = setup
         self.work_dir = Path(work_dir) if work_dir is not None else None
@@ -117,12 +128,27 @@ class GridBench(Workbench):
         if model is None:
             model = self.fresh_model()
         calib = self.calib_ids() if any(needs_calibration(step) for step in steps[start:]) else None
-        for i in range(start, len(steps)):
-            reports += apply_recipe(model, Recipe((steps[i],)), calib, device=self.setup.device, progress=progress,
-                                    cache=self.step_cache if i == 0 else None)
-            if self.keep_prefixes > 0:
-                self._keep(str(Recipe(tuple(steps[:i + 1]))), model, reports)
+        with streaming(self.setup.stream):
+            for i in range(start, len(steps)):
+                reports += apply_recipe(model, Recipe((steps[i],)), calib, device=self.setup.device,
+                                        progress=progress, cache=self.step_cache if i == 0 else None)
+                if self.keep_prefixes > 0:
+                    self._keep(str(Recipe(tuple(steps[:i + 1]))), model, reports)
         return model, reports
+
+    @contextlib.contextmanager
+    def scoring(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """`model` on the protocol's device while it is scored; a streamed model (resting on CPU)
+        goes back to CPU afterwards. Scoring runs the whole model, so it must fit the device."""
+        if not self.setup.stream or self.setup.device is None:
+            yield model
+            return
+        home = next(model.parameters()).device
+        model.to(self.setup.device)
+        try:
+            yield model
+        finally:
+            model.to(home)
 
     def _keep(self, text: str, model: torch.nn.Module, reports: list[dict[str, Any]]) -> None:
         self._prefixes[text] = (copy.deepcopy(model), [dict(r) for r in reports])
@@ -222,62 +248,88 @@ def _gguf_file(bench: GridBench, model: torch.nn.Module, recipe: Recipe, folder:
                   {"metric": "n_fallback", "value": len(fallbacks), "fallbacks": json.dumps(fallbacks), **extra}]
 
 
+def compute_point(bench: GridBench, recipe: Recipe | str, *, store_root: str | Path | None = None,
+                  keep_files: bool = False, progress: bool = False) -> list[dict[str, Any]]:
+    """The rows of `recipe` on `bench`'s protocol, computed now and not stored (`grid_point` stores
+    them; a distributed worker returns them to the driver, which stores them). `store_root`: where
+    the paired evaluator caches the dense reference (a reference already handed to the evaluator,
+    `PairedEvaluator.use_references`, is used as it is). Rows: see `grid_point`."""
+    recipe = Recipe.parse(recipe)
+    if keep_files and bench.work_dir is None:
+        raise MPTError("keep_files=True needs a folder to keep the GGUF in", "pass GridBench(..., work_dir=...)")
+    s = bench.setup
+    reset_peak_device_memory(s.device)
+    paired = bench.paired(store_root)
+    if s.eval_data not in paired.references():  # the dense reference, while dense (once per bench)
+        with bench.scoring(bench.loaded.model) as dense_model:
+            paired.prepare(dense_model, [s.eval_data], progress)
+    model, reports = bench.compressed_model(recipe.torch_part, progress)
+    dense = bench.dense_sizes()
+    file_rows: list[dict[str, Any]] = []
+    if recipe.gguf_scheme is None:
+        with bench.scoring(model):
+            scored = paired.rows(model, [s.eval_data], progress)
+        sizes = model_sizes(model, dense_dtype_bytes=s.dense_dtype_bytes)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mpt-grid-") as tmp:
+            folder = bench.work_dir if bench.work_dir is not None else Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            path, file_rows = _gguf_file(bench, model, recipe, folder, progress)
+            try:
+                scored = paired.rows(str(path), [s.eval_data], progress, llamacpp=bench.llamacpp)
+                sizes = model_sizes(model, gguf_path=path, gguf_scheme=recipe.gguf_scheme,
+                                    dense_dtype_bytes=s.dense_dtype_bytes)
+                # the artifact ratio compares files with files: the dense model's own F16 GGUF
+                dense_file = bench.dense_gguf_sizes(folder)
+                dense = replace(dense, artifact_bytes=dense_file.artifact_bytes, artifact="gguf")
+            finally:
+                if not keep_files:
+                    path.unlink(missing_ok=True)
+    del model
+    size_rows = sizes.rows(dense)
+    ratio = next(r["value"] for r in size_rows if r["metric"] == "compression_nominal")
+    tag = {"recipe": str(recipe), "ratio": ratio, "bits": _bits(recipe)}
+    return [{**r, **tag} for r in (*scored, *size_rows, *file_rows, *_step_rows(reports), _peak_row(bench))]
+
+
+def _peak_row(bench: GridBench) -> dict[str, Any]:
+    """The most device memory the point used (CUDA's counter); None with `peak_memory: "n/a"` on a
+    device without one (CPU)."""
+    peak = peak_device_memory(bench.setup.device)
+    return {"metric": "peak_device_bytes", "value": float(peak) if peak is not None else None,
+            "peak_memory": "cuda.max_memory_allocated" if peak is not None else "n/a",
+            "stream": bool(bench.setup.stream)}
+
+
 def grid_point(store: ResultsStore, bench: GridBench, recipe: Recipe | str, *, keep_files: bool = False,
                progress: bool = False) -> list[dict[str, Any]]:
     """The stored rows of `recipe` on `bench`'s protocol, computing them once (module docstring).
 
     Rows: the perplexity row and the KL rows of `PairedEvaluator`, the three sizes with their
     compression against the dense model (`Sizes.rows`), one `step_seconds` row per torch step (its
-    report as JSON), and for a GGUF recipe what the file holds (bits per weight, tensor types,
-    llama.cpp's fallbacks). Every row carries `recipe`, `ratio` (the nominal compression, the paper's
-    axis) and `bits` (the quantization step's nominal bits, None without one). `keep_files` keeps
-    the GGUF under `bench.work_dir` (then required; files are written there in any case when it is
-    set, else in a temporary folder, and deleted unless kept)."""
+    report as JSON), for a GGUF recipe what the file holds (bits per weight, tensor types,
+    llama.cpp's fallbacks), and `peak_device_bytes` (None off CUDA). Every row carries `recipe`,
+    `ratio` (the nominal compression, the paper's axis) and `bits` (the quantization step's nominal
+    bits, None without one). `keep_files` keeps the GGUF under `bench.work_dir` (then required;
+    files are written there in any case when it is set, else in a temporary folder, and deleted
+    unless kept)."""
     recipe = Recipe.parse(recipe)
     if keep_files and bench.work_dir is None:
         raise MPTError("keep_files=True needs a folder to keep the GGUF in", "pass GridBench(..., work_dir=...)")
-    s = bench.setup
-
-    def compute() -> list[dict[str, Any]]:
-        paired = bench.paired(store.root)
-        paired.prepare(bench.loaded.model, [s.eval_data], progress)  # the dense reference, while dense
-        model, reports = bench.compressed_model(recipe.torch_part, progress)
-        dense = bench.dense_sizes()
-        file_rows: list[dict[str, Any]] = []
-        if recipe.gguf_scheme is None:
-            scored = paired.rows(model, [s.eval_data], progress)
-            sizes = model_sizes(model, dense_dtype_bytes=s.dense_dtype_bytes)
-        else:
-            with tempfile.TemporaryDirectory(prefix="mpt-grid-") as tmp:
-                folder = bench.work_dir if bench.work_dir is not None else Path(tmp)
-                folder.mkdir(parents=True, exist_ok=True)
-                path, file_rows = _gguf_file(bench, model, recipe, folder, progress)
-                try:
-                    scored = paired.rows(str(path), [s.eval_data], progress, llamacpp=bench.llamacpp)
-                    sizes = model_sizes(model, gguf_path=path, gguf_scheme=recipe.gguf_scheme,
-                                        dense_dtype_bytes=s.dense_dtype_bytes)
-                    # the artifact ratio compares files with files: the dense model's own F16 GGUF
-                    dense_file = bench.dense_gguf_sizes(folder)
-                    dense = replace(dense, artifact_bytes=dense_file.artifact_bytes, artifact="gguf")
-                finally:
-                    if not keep_files:
-                        path.unlink(missing_ok=True)
-        del model
-        size_rows = sizes.rows(dense)
-        ratio = next(r["value"] for r in size_rows if r["metric"] == "compression_nominal")
-        tag = {"recipe": str(recipe), "ratio": ratio, "bits": _bits(recipe)}
-        return [{**r, **tag} for r in (*scored, *size_rows, *file_rows, *_step_rows(reports))]
-
-    return store.get_or_compute(point_config(s, recipe), compute)
+    return store.get_or_compute(point_config(bench.setup, recipe),
+                                lambda: compute_point(bench, recipe, store_root=store.root, keep_files=keep_files,
+                                                      progress=progress))
 
 
 def grid(store: ResultsStore, bench: GridBench, recipes: list[Recipe | str], *, keep_files: bool = False,
-         progress: bool = False) -> list[dict[str, Any]]:
-    """Every recipe's point, in order (each resumable on its own)."""
-    rows: list[dict[str, Any]] = []
-    for recipe in recipes:
-        rows += grid_point(store, bench, recipe, keep_files=keep_files, progress=progress)
-    return rows
+         progress: bool = False, executor: str = "local", max_retries: int = 3) -> list[dict[str, Any]]:
+    """Every recipe's point, in order (each resumable on its own). `executor="ray"` computes the
+    missing points as Ray tasks (`mpt_utils.distributed.run_points`, `max_retries` per task)."""
+    from mpt_utils.distributed import run_points
+
+    points = run_points(store, bench, recipes, executor=executor, keep_files=keep_files, progress=progress,
+                        max_retries=max_retries)
+    return [row for rows in points for row in rows]
 
 
 def metric(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -288,4 +340,4 @@ def metric(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return found[0]
 
 
-__all__ = ["FAMILY", "GridBench", "GridSetup", "grid", "grid_point", "metric", "point_config"]
+__all__ = ["FAMILY", "GridBench", "GridSetup", "compute_point", "grid", "grid_point", "metric", "point_config"]

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mpt_utils.combined.grid import GridBench, grid_point
+from mpt_utils.combined.grid import GridBench
 from mpt_utils.errors import MPTError
 from mpt_utils.recipe import SEPARATORS, Recipe
 from mpt_utils.store import ResultsStore
@@ -89,15 +89,20 @@ def point_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def sweep(store: ResultsStore, bench: GridBench, template: str, values: Iterable[float], *, dense: bool = False,
-          progress: bool = False) -> pd.DataFrame:
+          progress: bool = False, executor: str = "local", max_retries: int = 3) -> pd.DataFrame:
     """One row per point of `template` over `values` (module docstring), in order; `dense` adds the
-    uncompressed model first (ratio 0, or 16 bits). Every point is read back when already stored."""
+    uncompressed model first (ratio 0, or 16 bits). Every point is read back when already stored.
+    `executor`: "local" (one point after another here) or "ray" (the missing points as Ray tasks,
+    each retried up to `max_retries` times when its worker dies; `mpt_utils.distributed`)."""
+    from mpt_utils.distributed import run_points
+
     axis = template_axis(template)
     points = sweep_recipes(template, values)
     if dense:
         points.insert(0, (16.0 if axis == "bits" else 0.0, Recipe.parse("dense")))
-    table = [{axis: value, **point_summary(grid_point(store, bench, recipe, progress=progress))}
-             for value, recipe in points]
+    stored = run_points(store, bench, [recipe for _, recipe in points], executor=executor, progress=progress,
+                        max_retries=max_retries)
+    table = [{axis: value, **point_summary(rows)} for (value, _), rows in zip(points, stored)]
     return pd.DataFrame(table, columns=[axis, *COLUMNS])
 
 

@@ -74,6 +74,20 @@ class PairedEvaluator:
             self._refs[data] = dense_reference(dense_model, self.ids(data), self.seqlen, self.max_windows, k=self.k,
                                                cache_dir=cache, key=key, device=self.device, progress=progress)
 
+    def references(self) -> dict[str, DenseReference]:
+        """The prepared dense references by corpus (what a distributed sweep computes once and
+        hands to every worker's evaluator with `use_references`)."""
+        return dict(self._refs)
+
+    def use_references(self, refs: dict[str, DenseReference]) -> None:
+        """Adopt dense references prepared elsewhere (same model, corpus, seqlen, windows and k):
+        `prepare` then skips those corpora instead of running the dense model again."""
+        for data, ref in refs.items():
+            if ref.seqlen != self.seqlen:
+                raise MPTError(f"the dense reference of {data!r} has seqlen {ref.seqlen}, this evaluator {self.seqlen}",
+                               "hand over references prepared with the same protocol")
+            self._refs[data] = ref
+
     def rows(self, model: torch.nn.Module | str | os.PathLike, datasets: Sequence[str], progress: bool = False,
              llamacpp: dict[str, Any] | None = None, **extra: Any) -> list[dict[str, Any]]:
         """Perplexity row, then the divergence rows, per corpus; without a prepared reference for a

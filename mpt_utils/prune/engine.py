@@ -105,7 +105,8 @@ def _window_opts(spec: PruneMethod, method: str, opts: dict, calib_ids, calib_se
 
 @torch.no_grad()
 def allocation_scores(model: nn.Module, method: str, *, calib_ids=None, stats: dict[str, LayerStats] | None = None,
-                      device: str | torch.device | None = None, progress: bool = False, **opts) -> list[float] | None:
+                      device: str | torch.device | None = None, progress: bool = False,
+                      stream: bool | None = None, **opts) -> list[float] | None:
     """The dense-model block scores of `method`'s per-block allocation (OWL's outlier ratios), or
     None for a uniform method. Ratio-independent: a sweep computes them once for all its points."""
     spec = get_method(method)
@@ -119,7 +120,7 @@ def allocation_scores(model: nn.Module, method: str, *, calib_ids=None, stats: d
         raise MPTError(f"{method} needs calibration data", "pass calib_ids=... or stats=collect_stats(...)")
     scores: list[float] = []
     layerwise(model, calib_ids, lambda i, b, st: scores.append(spec.allocate.block_score(_block_weights(b), st, **opts)),
-              sequential=False, device=device, progress=progress, desc=f"{method} block scores")
+              sequential=False, device=device, progress=progress, desc=f"{method} block scores", stream=stream)
     return scores
 
 
@@ -128,14 +129,16 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
                 stats: dict[str, LayerStats] | None = None, pattern=None, sequential: bool = True,
                 device: str | torch.device | None = None, cache: dict | None = None, progress: bool = False,
                 calib_seqlen: int | None = None, block_scores: list[float] | None = None,
-                **opts) -> PruneReport:
+                stream: bool | None = None, **opts) -> PruneReport:
     """Prune `model` in place with registered `method` at `sparsity` (or N:M `pattern`, e.g. '2:4').
 
     Give either `calib_ids` (LongTensor [n, seqlen], the layer-by-layer engine) or `stats` (dense
     statistics from `collect_stats`, keyed by full module name, with `calib_seqlen` the length of
     the windows they came from); magnitude needs neither. `block_scores`: the dense block scores of
-    an allocating method (from `allocation_scores`), else computed here. `opts` go to the method
-    (e.g. base='sparsegpt' for owl/dsnot, percdamp, m and lam for OWL).
+    an allocating method (from `allocation_scores`), else computed here. `stream`: the engine keeps
+    the model on CPU and moves one block at a time to `device` (`mpt_utils.calibration.layerwise`;
+    None: as `calibration.streaming()` sets it). `opts` go to the method (e.g. base='sparsegpt' for
+    owl/dsnot, percdamp, m and lam for OWL).
     """
     spec = get_method(method)
     check_method_options(method, opts)
@@ -173,14 +176,14 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
         targets = [target] * len(layers)
         if spec.allocate is not None:  # OWL: outlier ratios from a dense pass, as the released code does
             scores = block_scores or allocation_scores(model, method, calib_ids=calib_ids, device=device,
-                                                       progress=progress, **opts)
+                                                       progress=progress, stream=stream, **opts)
             targets = spec.allocate.ratios(scores, target, **opts)
 
         def on_block(i: int, block: nn.Module, st: dict[str, LayerStats]) -> None:
             _prune_block(block, st, spec, targets[i], nm, prefixes[i], None, opts)
 
         layerwise(model, calib_ids, on_block, sequential=sequential, device=device, progress=progress,
-                  desc=f"prune {method}")
+                  desc=f"prune {method}", stream=stream)
     seconds = time.perf_counter() - start
     measured = sparsity_report(model, nm)
     return PruneReport(method=method, pattern=pattern_name(nm), requested=target, achieved=measured["sparsity"],
