@@ -164,7 +164,10 @@ def model_rows(model: nn.Module, seqlen: int, rounds: int) -> list[dict]:
         sparse = copy.deepcopy(dense)
         to_csr_model(sparse)
         with torch.no_grad():
-            same = torch.allclose(sparse(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-3, rtol=1e-3)
+            ref, got = dense(input_ids=ids).logits, sparse(input_ids=ids).logits
+            # 30 blocks of float32 sums in another order: compare at the logits' own scale
+            diff = float((got - ref).abs().max())
+            same = diff <= 1e-4 * float(ref.abs().max()) + 1e-3
 
             def run(m):
                 return lambda: m(input_ids=ids, use_cache=False)
@@ -172,7 +175,8 @@ def model_rows(model: nn.Module, seqlen: int, rounds: int) -> list[dict]:
             t = _best({"dense": run(dense), "sparse": run(sparse)}, rounds)
         rows.append({"metric": "dense_over_sparse", "value": t["dense"] / t["sparse"], "what": "model_prefill",
                      "kernel": "torch.sparse CSR (CPU)", "sparsity": sparsity, "mode": "prefill", "tokens": seqlen,
-                     "seconds_dense": t["dense"], "seconds_sparse": t["sparse"], "same_result": bool(same)})
+                     "seconds_dense": t["dense"], "seconds_sparse": t["sparse"], "same_result": bool(same),
+                     "max_abs_logit_diff": diff})
         del dense, sparse
     return rows
 
@@ -182,7 +186,7 @@ def main(profile: str, store: ResultsStore) -> None:
     model_name = common["model"]
     rounds = ROUNDS.get(profile, 10)
     seqlen = min(int(common["seqlen"]), TOKENS["prefill"])
-    cfg = {"model": model_name, "method": "sparse_matmul_speed", "family": "bench", "ratio": None, "bits": None,
+    cfg = {"model": model_name, "method": "sparse_matmul_speed", "version": 2, "family": "bench", "ratio": None, "bits": None,
            "seed": 0, "sparsities": list(SPARSITIES), "tokens": TOKENS, "threads": torch.get_num_threads(),
            "device": "cpu", "rounds": rounds, "cuda_24": semi_structured_available()[0]}
 

@@ -12,7 +12,7 @@ from mpt_utils.prune.structured import loraprune as lp
 from mpt_utils.prune.structured import sheared_llama as sl
 from mpt_utils.prune.structured import structured_prune
 from mpt_utils.prune.structured.surgery import llama_parts, n_kv_groups
-from mpt_utils.testing import tiny_model
+from mpt_utils.testing import tiny_model, tiny_tokenizer
 
 LP_BUDGET = dict(steps=12, batch_size=4, micro_batch_size=4, lr=1e-3, prune_freq=2, progress=False)
 SL_BUDGET = dict(prune_steps=12, prune_batch_size=4, prune_micro_batch_size=4, lagrangian_warmup_steps=3,
@@ -181,3 +181,34 @@ def test_sheared_learned_masks_beat_random_masks_of_the_same_shape(teacher):
     sl._cut(rand, masks)
     assert _loss(learned, held) < _loss(rand, held)
     assert not math.isclose(_loss(learned, held), _loss(dense, held))
+
+
+def test_defaults_are_the_reference_budgets_and_reduced_runs_say_so(teacher):
+    import inspect
+
+    lp_defaults = inspect.signature(lp.loraprune).parameters
+    assert (lp_defaults["batch_size"].default, lp_defaults["micro_batch_size"].default, lp_defaults["lr"].default,
+            lp_defaults["prune_freq"].default, lp_defaults["rank"].default) == (128, 2, 1e-4, 10, 8)
+    sl_defaults = inspect.signature(sl.sheared_llama).parameters
+    assert (sl_defaults["prune_steps"].default, sl_defaults["continue_steps"].default,
+            sl_defaults["lagrangian_warmup_steps"].default, sl_defaults["lag_lr"].default) == (3200, 48_000, 640, 1.0)
+    dense, calib, _ = teacher
+    res = structured_prune(copy.deepcopy(dense), "sheared_llama", 0.3, calib, **SL_BUDGET)
+    assert res.detail["reduced_budget"] and res.detail["dynamic_batch_loading"] is False
+    res = structured_prune(copy.deepcopy(dense), "loraprune", 0.3, calib, **LP_BUDGET)
+    assert res.detail["reduced_budget"] and res.detail["steps"] == LP_BUDGET["steps"]
+
+
+def test_sheared_model_saves_and_reloads_as_a_plain_model(teacher, tmp_path):
+    from mpt_utils.models import load_model
+    from mpt_utils.prune.structured.surgery import save_pruned
+
+    dense, calib, _ = teacher
+    model = copy.deepcopy(dense)
+    structured_prune(model, "sheared_llama", 0.4, calib, **SL_BUDGET)
+    model.eval()
+    save_pruned(model, tmp_path / "sheared", tiny_tokenizer())
+    back = load_model(str(tmp_path / "sheared"), device="cpu")
+    assert back.model.config.hidden_size == model.config.hidden_size < 64
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(input_ids=calib[:2]).logits, model(input_ids=calib[:2]).logits)
