@@ -212,3 +212,17 @@ def test_sheared_model_saves_and_reloads_as_a_plain_model(teacher, tmp_path):
     assert back.model.config.hidden_size == model.config.hidden_size < 64
     with torch.no_grad():
         torch.testing.assert_close(back.model(input_ids=calib[:2]).logits, model(input_ids=calib[:2]).logits)
+
+
+def test_bad_input_raises_clear_errors(teacher):
+    from mpt_utils.errors import MPTError
+
+    dense, calib, _ = teacher
+    with pytest.raises(MPTError, match="unknown LoRAPrune metric"):
+        structured_prune(copy.deepcopy(dense), "loraprune", 0.3, calib, metric="taylor")
+    with pytest.raises(MPTError, match="invalid Sheared LLaMA budget"):
+        structured_prune(copy.deepcopy(dense), "sheared_llama", 0.3, calib, prune_steps=0)
+    with pytest.raises(MPTError, match="target_layers"):
+        structured_prune(copy.deepcopy(dense), "sheared_llama", 0.3, calib, target_layers=9)
+    with pytest.raises(MPTError, match="pre-norm Llama block"):
+        structured_prune(tiny_model("gemma3_text").model, "sheared_llama", 0.3, calib, **SL_BUDGET)

@@ -103,15 +103,14 @@ def _block_importance(attn: nn.Module, mlp: nn.Module, n_groups: int, metric: st
     """(KV-group importance [G], MLP-channel importance [m]) of one adapted block at this step."""
     g_imp = torch.zeros(n_groups)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        s = _lora_grad_importance(getattr(attn, name), metric).cpu()
-        if name == "o_proj":
-            s = s.t()
+        s = _lora_grad_importance(getattr(attn, name), metric)
+        per_channel = s.sum(0) if name == "o_proj" else s.sum(1)
         # rows of q (and o's columns) hold the group's heads contiguously, as do rows of k and v
-        g_imp += _normed(s.sum(1).reshape(n_groups, -1).sum(1))
+        g_imp += _normed(per_channel.reshape(n_groups, -1).sum(1)).cpu()
     c_imp = torch.zeros(mlp.gate_proj.base.out_features)
     for name in ("gate_proj", "up_proj", "down_proj"):
-        s = _lora_grad_importance(getattr(mlp, name), metric).cpu()
-        c_imp += _normed(s.sum(0) if name == "down_proj" else s.sum(1))
+        s = _lora_grad_importance(getattr(mlp, name), metric)
+        c_imp += _normed(s.sum(0) if name == "down_proj" else s.sum(1)).cpu()
     return g_imp, c_imp
 
 

@@ -401,6 +401,10 @@ def sheared_llama(model: nn.Module, ratio: float, calib_ids: torch.Tensor, *, ca
     layers = decoder_layers(model)
     for block in layers:
         llama_parts(block)
+        norms = [getattr(block, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+        if len(list(block.children())) != 4 or any(not hasattr(n, "weight") for n in norms):
+            raise MPTError(f"Sheared LLaMA needs a pre-norm Llama block (two RMSNorms, no extra norms); got "
+                           f"{type(block).__name__}", "use a Llama, Qwen2 or Mistral model")
     shape = target_shape(model, ratio, target_layers)
     attn0, mlp0 = llama_parts(layers[0])
     if any(llama_parts(b)[1].gate_proj.out_features != mlp0.gate_proj.out_features
