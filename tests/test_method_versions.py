@@ -13,7 +13,7 @@ from mpt_utils.store import ResultsStore
 
 FAMILIES = {"pruning method": {"magnitude", "wanda", "sparsegpt", "ria", "admm", "owl", "dsnot"},
             "structured pruning method": {"shortgpt", "sleb", "flap", "llm_pruner", "slicegpt", "random", "srad",
-                                          "shortened_llama"},
+                                          "shortened_llama", "loraprune", "sheared_llama"},
             "quantizer": {"rtn", "gptq", "awq", "smoothquant", "nf4", "fp4", "llm_int8"},
             "low-rank method": {"svd", "asvd", "svd_llm"},
             "GGUF ladder step": {"gguf", "gguf-roundtrip"},

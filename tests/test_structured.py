@@ -14,8 +14,13 @@ from mpt_utils.prune.structured.shortgpt import block_influence
 from mpt_utils.prune.structured.surgery import drop_blocks, keep_mlp_channels, save_pruned
 from mpt_utils.testing import tiny_model
 
-WIDTH = ("flap", "llm_pruner", "random")
+WIDTH = ("flap", "llm_pruner", "random", "loraprune")
 DEPTH = ("shortgpt", "sleb", "srad", "shortened_llama")
+# methods that train: a few steps here (their reference budgets are thousands of steps)
+TRAINING = {"loraprune": {"steps": 4, "batch_size": 2, "micro_batch_size": 2, "prune_freq": 1},
+            "sheared_llama": {"prune_steps": 4, "prune_batch_size": 2, "prune_micro_batch_size": 2,
+                              "lagrangian_warmup_steps": 1, "prune_warmup_steps": 1, "continue_steps": 2,
+                              "continue_batch_size": 2, "continue_micro_batch_size": 2, "continue_warmup_steps": 1}}
 
 
 def _tiny(arch="llama", tie_word_embeddings=False, **kw):
@@ -60,7 +65,7 @@ def test_pruned_model_is_smaller_runs_and_counts_match(method, ratio, calib, pro
     dense = loaded.model
     before = sum(p.numel() for p in dense.parameters())
     model = copy.deepcopy(dense)
-    res = structured_prune(model, method, ratio, calib, progress=False)
+    res = structured_prune(model, method, ratio, calib, progress=False, **TRAINING.get(method, {}))
     after = sum(p.numel() for p in model.parameters())
     assert res.params_before == before and res.params_after == after == _expected_params(model)
     assert res.param_reduction == pytest.approx(1 - after / before)
@@ -80,7 +85,7 @@ def test_pruned_model_is_smaller_runs_and_counts_match(method, ratio, calib, pro
 def test_gqa_heads_go_in_whole_groups(method, calib, probe):
     model = _tiny(heads=4, kv_heads=2).model  # 2 query heads per KV head, head_dim 16
     res = structured_prune(model, method, 0.5, calib, progress=False,
-                           **({"scope": "all"} if method == "random" else {}))
+                           **({"scope": "all"} if method == "random" else TRAINING.get(method, {})))
     for block, groups in zip(decoder_layers(model), res.detail["kept_groups"]):
         attn = block.self_attn
         assert attn.k_proj.out_features == attn.v_proj.out_features == groups * 16
