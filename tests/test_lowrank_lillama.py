@@ -68,6 +68,15 @@ def test_restore_gives_back_the_dense_model_after_training():
     plan = prepare(model, "lillama", ids, steps=3, lr=1e-3, progress=False)
     with plan.swapped(model, 0.25) as report:
         assert sum(p.numel() for p in model.parameters()) == report.n_params_after < report.n_params_before
+        with torch.no_grad():
+            trained = model(ids).logits
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+    plan.info["train_log"].clear()
+    with plan.swapped(model, 0.25) as again:  # the same ratio again: the trained layers come back, no training
+        assert again.n_params_after == report.n_params_after and not plan.info["train_log"]
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, trained)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, dense)
 

@@ -77,9 +77,16 @@ def test_fine_tuning_meets_the_target_counts_both_parts_and_lowers_the_loss():
     assert log["steps"] == 12 and log["masks"] > 1 and log["loss_last"] < log["loss_first"]
     with torch.no_grad():
         assert float(model(ids, labels=ids).loss) < dense_loss  # fine-tuned on these windows
+    with torch.no_grad():
+        trained = model(ids).logits
     report.restore(model)
     with torch.no_grad():
         assert float(model(ids, labels=ids).loss) == pytest.approx(dense_loss, abs=1e-6)
+    plan.info["train_log"].clear()
+    again = plan.apply(model, 0.3)  # the same ratio again: the trained layers come back, no training
+    assert not plan.info["train_log"] and again.n_params_after == report.n_params_after
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, trained)
 
 
 def test_bad_options_are_mpt_errors():

@@ -54,3 +54,28 @@ def block_inputs(model: nn.Module, ids: torch.Tensor, device: torch.device) -> t
 
 def first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class TrainedCache:
+    """The trained layers of the last ratio applied, kept on the CPU: a sweep applies one ratio several
+    times in a row (one point per corpus) and the training would be redone each time for the same result."""
+
+    _last: tuple[float, dict[str, nn.Module]] | None = None
+
+    def _remember(self, model: nn.Module, ratio: float, originals: dict[str, nn.Module]) -> None:
+        from mpt_utils.lowrank.factorized import get_module
+
+        self._last = (ratio, {n: copy.deepcopy(get_module(model, n)).to("cpu") for n in originals})
+
+    def _recall(self, model: nn.Module, ratio: float, names: list[str], method: str):
+        from mpt_utils.lowrank.factorized import LowRankReport, count_params, get_module, layer_reduction
+
+        if self._last is None or self._last[0] != ratio:
+            return None
+        before = count_params(model)
+        originals: dict[str, nn.Module] = {}
+        for n, mod in self._last[1].items():
+            dev = next(get_module(model, n).parameters()).device
+            originals[n] = set_module(model, n, copy.deepcopy(mod).to(dev))
+        layers = [layer_reduction(n, get_module(model, n)) for n in names]
+        return LowRankReport(method, ratio, layers, before, count_params(model), 0.0, originals)

@@ -46,7 +46,13 @@ from torch.nn import functional as F
 from mpt_utils.calibration import LayerStats, decoder_layers
 from mpt_utils.errors import MPTError
 from mpt_utils.lowrank import LOWRANK
-from mpt_utils.lowrank._training import block_inputs, block_names, first, swap_in_trainable_copies
+from mpt_utils.lowrank._training import (
+    TrainedCache,
+    block_inputs,
+    block_names,
+    first,
+    swap_in_trainable_copies,
+)
 from mpt_utils.lowrank.factorized import (
     LowRankPlan,
     LowRankReport,
@@ -107,7 +113,7 @@ def bottom_ranks(shapes: dict[str, tuple[int, int]], order: list[str], target: f
     return ranks
 
 
-class LillamaPlan(LowRankPlan):
+class LillamaPlan(TrainedCache, LowRankPlan):
     """SVD factors once; `apply(ratio)` factorizes with the ratio's ranks and distills every compressed block."""
 
     def __init__(self, facts, allocate, calib_ids: torch.Tensor, device: torch.device, progress: bool,
@@ -117,6 +123,9 @@ class LillamaPlan(LowRankPlan):
 
     def apply(self, model: nn.Module, ratio: float) -> LowRankReport:
         start = time.perf_counter()
+        again = self._recall(model, ratio, list(self.factorizations), self.method)
+        if again is not None:
+            return again
         names = block_names(model)
         layers = decoder_layers(model)
         ranks = self.ranks(ratio)
@@ -128,6 +137,7 @@ class LillamaPlan(LowRankPlan):
                                                     self.device, self.progress)
         report.n_params_after = sum(p.numel() for p in model.parameters())
         report.seconds = time.perf_counter() - start
+        self._remember(model, ratio, report.originals)
         return report
 
 

@@ -45,7 +45,7 @@ from mpt_utils.calibration import LayerStats, decoder_layers
 from mpt_utils.errors import MPTError
 from mpt_utils.lowrank import LOWRANK
 from mpt_utils.lowrank._structured import LowRankSparseLinear
-from mpt_utils.lowrank._training import block_names, swap_in_trainable_copies
+from mpt_utils.lowrank._training import TrainedCache, block_names, swap_in_trainable_copies
 from mpt_utils.lowrank.factorized import (
     LowRankPlan,
     LowRankReport,
@@ -145,7 +145,7 @@ class _Importance:
         return score.mean(1)
 
 
-class LoSparsePlan(LowRankPlan):
+class LoSparsePlan(TrainedCache, LowRankPlan):
     """Nothing ratio-independent but the shapes; `apply` decomposes, fine-tunes and prunes."""
 
     def __init__(self, model: nn.Module, names: list[str], calib_ids: torch.Tensor, device: torch.device,
@@ -180,6 +180,10 @@ class LoSparsePlan(LowRankPlan):
         if ratio == 0:
             layers = [layer_reduction(n, get_module(model, n)) for n in self.names]
             return LowRankReport(self.method, ratio, layers, before, before, 0.0, {})
+        if train:
+            again = self._recall(model, ratio, self.names, self.method)
+            if again is not None:
+                return again
         ranks, budget = self.budgets(ratio)
         originals: dict[str, nn.Module] = {}
         for n in self.names:
@@ -198,8 +202,11 @@ class LoSparsePlan(LowRankPlan):
         sparse = sum(get_module(model, n).sparse.numel() for n in self.names)
         self.info["parts"][ratio] = {"low_rank_params": low, "sparse_params": sparse,
                                      "dense_params": sum(o * i for o, i in self._shapes.values())}
-        return LowRankReport(self.method, ratio, layers, before, count_params(model), time.perf_counter() - start,
-                             originals)
+        report = LowRankReport(self.method, ratio, layers, before, count_params(model), time.perf_counter() - start,
+                               originals)
+        if train:
+            self._remember(model, ratio, originals)
+        return report
 
     def _train(self, model: nn.Module, budget: float, originals: dict[str, nn.Module]) -> dict:
         cfg = self.cfg
