@@ -22,8 +22,8 @@ Christophe Cerisara and Irina Illina, arXiv:2412.16719, github.com/yaya-sy/lilla
    (`keep_best`). The whole student block trains (factors and norms); norms are trained on copies
    so `report.restore` brings back the dense model.
 
-Budget: the reference makes one pass over its training set; the paper's headline run uses 13M tokens,
-`steps=None` here (13M tokens / (batch_size × seqlen) steps over the calibration windows, cycled).
+Budget: the reference makes one pass over its training set; the paper compresses Phi-2 by 40% with
+13 million calibration tokens (its abstract), `steps=None` here (13M tokens / (batch_size × seqlen) steps over the calibration windows, cycled).
 A CPU point cannot afford that: pass `steps`; the plan records steps and tokens used in
 `plan.info["train_log"]`. Reduced budget for the embedded smollm2-135m (8 calibration windows of 256
 tokens): `steps=8`, i.e. 8 × 8 × 256 = 16,384 tokens (0.13% of the reference), about 3 minutes a
@@ -66,7 +66,7 @@ from mpt_utils.progress import progress_bar
 
 LOSSES = ("teacher", "student", "teacher+student")
 ALLOCATIONS = ("bottom", "uniform")
-REFERENCE_TOKENS = 13_000_000  # the paper's distillation budget (abstract: 13M tokens)
+REFERENCE_TOKENS = 13_000_000  # the paper's calibration budget (abstract: Phi-2 at 40%)
 REFERENCE = {"lr": 8.6e-5, "batch_size": 8, "min_rank_fraction": 1024 / 4096, "rank_step_fraction": 256 / 4096}
 
 
