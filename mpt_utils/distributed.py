@@ -153,7 +153,7 @@ class BenchSpec:
 
     @classmethod
     def of(cls, bench: GridBench) -> BenchSpec:
-        return cls(uuid.uuid4().hex, bench.setup, bench._loader, None if bench.work_dir is None else str(bench.work_dir),
+        return cls(uuid.uuid4().hex, bench.setup, bench.session.loader, None if bench.work_dir is None else str(bench.work_dir),
                    bench.n_threads, bench.keep_prefixes)
 
 

@@ -43,7 +43,7 @@ class Session:
         self.model_spec = model
         self.store = store if isinstance(store, ResultsStore) or store is None else ResultsStore(store)
         self.device, self.progress = device, progress
-        self._loader = loader
+        self.loader = loader  # how the model is loaded (None: load_model of the spec)
         self._loaded = loaded
         self._memo: dict[Hashable, Any] = {}
         self._seconds: dict[Hashable, float] = {}
@@ -54,8 +54,8 @@ class Session:
     def loaded(self) -> Any:
         """The loaded dense model (`.model`, `.tokenizer`, `.info`), loaded on first use."""
         if self._loaded is None:
-            if self._loader is not None:
-                self._loaded = self._loader()
+            if self.loader is not None:
+                self._loaded = self.loader()
             else:
                 from mpt_utils.models import load_model
 

@@ -109,7 +109,7 @@ def test_a_ray_sweep_stores_the_points_of_the_local_executor(tmp_path, corpus, l
     remote = run_points(store, bench, RECIPES, executor="ray", progress=True)
     _assert_same_points(remote, local)
     assert _files(store) == _files(local_store)  # same keys, one complete file per point, no temp file
-    assert bench._loaded is None  # the driver never loaded the model: workers did
+    assert not bench.session.is_loaded  # the driver never loaded the model: workers did
     peak = next(r for r in remote[0] if r["metric"] == "peak_device_bytes")
     assert peak["value"] is None and peak["peak_memory"] == "n/a"  # CPU: no device counter
 

@@ -5,6 +5,10 @@ really shrink). Methods, by registry name:
 - `asvd`: activation-aware scaling + sensitivity-based rank allocation (ASVD).
 - `svd_llm`: truncation-aware whitening by the Cholesky factor of XᵀX, then the parameter update
   (LoRA on U then V by default, as the reference; `update="none"` is whitening only).
+- `modegpt`: modular decomposition of each block (Nyström MLP, CR key-query, SVD value-output) with
+  the entropic per-layer sparsity allocation; training-free.
+- `lillama`: SVD initialisation, then each compressed block distilled locally onto the dense one.
+- `losparse`: U·V plus a row-sparse S, S pruned on a cubic schedule while fine-tuning.
 
 Every method has one entry point with the shared signature
 `plan = LOWRANK.get(name)(model, calib_ids=None, *, stats=None, device=None, layer_filter=None,

@@ -121,7 +121,13 @@ class LayerReduction:
 
 
 def layer_reduction(name: str, module: nn.Module) -> LayerReduction:
-    """Read the size of a (possibly factorized) linear from its tensors, weights only (no bias)."""
+    """Read the size of a (possibly factorized) linear from its tensors, weights only (no bias).
+    Layers that replaced a dense one by another structure (MoDeGPT's slices, LoSparse's U·V + S)
+    carry `dense_shape`, `stored_params` and `kept` (their rank or kept width)."""
+    dense_shape = getattr(module, "dense_shape", None)
+    if dense_shape is not None:
+        out_f, in_f = dense_shape
+        return LayerReduction(name, out_f, in_f, int(module.kept), out_f * in_f, int(module.stored_params))
     if isinstance(module, LowRankLinear):
         params = module.up.weight.numel() + module.down.weight.numel()
         rank = module.rank
