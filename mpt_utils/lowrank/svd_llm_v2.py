@@ -50,13 +50,15 @@ def gram_root(gram: torch.Tensor, damp: float = 1e-10) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def loss_optimized_svd(linear: nn.Linear, stats: LayerStats, device: torch.device | str | None = None,
-                       damp: float = 1e-10) -> tuple[Factorization, torch.Tensor]:
+                       damp: float = 1e-10, roots: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[Factorization, torch.Tensor]:
     """Second SVD round on D = W·U_s·√S. Returns the factorization (break-even many components) and
-    the full spectrum of D (float64, CPU), from which every truncation loss is read."""
+    the full spectrum of D (float64, CPU), from which every truncation loss is read. `roots`: the
+    first round's result when already computed for the same inputs."""
     if stats.n == 0:
         raise MPTError("no calibration rows reached this layer", "check the calibration windows")
     dev = torch.device(device) if device is not None else linear.weight.device
-    root, inv_root = gram_root(stats.gram.to(dev), damp)
+    root, inv_root = roots if roots is not None else gram_root(stats.gram.to(dev), damp)
     w = linear.weight.detach().to(dev, torch.float64)
     out_f, in_f = w.shape
     u, s, vh = top_singular(w @ root, min(out_f, in_f))
@@ -173,8 +175,14 @@ def plan_svd_llm_v2(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
     if missing:
         raise MPTError(f"no calibration statistics for {missing[0]}", "collect stats on the same model")
     facts, spectra = {}, {}
+    shared: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []  # q/k/v, gate/up: one X
     for n, lin in progress_bar(linears.items(), desc="svd_llm_v2 SVDs", disable=not progress, leave=False):
-        facts[n], spectra[n] = loss_optimized_svd(lin, stats[n], dev, damp)
+        gram = stats[n].gram
+        roots = next((r for g, r in shared if g.shape == gram.shape and torch.equal(g, gram)), None)
+        if roots is None:
+            roots = gram_root(gram.to(dev), damp)
+            shared = [*shared[-3:], (gram, roots)]  # the linears of one block come together
+        facts[n], spectra[n] = loss_optimized_svd(lin, stats[n], dev, damp, roots)
     shapes = {n: (lin.out_features, lin.in_features) for n, lin in linears.items()}
     groups: dict[str, list[str]] = {}
     for n in linears:
