@@ -20,6 +20,8 @@ def test_svd_llm_v2_reported_loss_is_the_output_error_on_calibration_inputs(tiny
     model, ids = tiny.model, _calib()
     stats = collect_stats(model, ids, keep_rows=10**6, progress=False)  # every calibration row kept
     plan = prepare(model, "svd_llm_v2", ids, stats=stats, progress=False)
+    # the allocation sees the losses at the reference's 256 × 2048 calibration tokens (L grows as √tokens)
+    assert plan.info["loss_scale"] == pytest.approx(math.sqrt(256 * 2048 / ids.numel()))
     losses = plan.truncation_losses(0.3)
     with plan.swapped(model, 0.3) as report:
         assert report.n_factorized == len(losses)

@@ -14,7 +14,9 @@ Wang, Alam, Wan, Shen and Zhang, arXiv:2503.12340 (NAACL 2025), github.com/AIoT-
    R_i = |G|·R·(1/log L_i) / Σ_j (1/log L_j): a matrix whose truncation costs more is compressed less,
    and the group's mean ratio stays R (its matrices share one shape, so the parameter budget is met).
 
-The losses are sums over all calibration tokens, as in the reference, so log L > 0 in practice. A
+The reference repository has not released V2's code; the allocation follows Algorithm 1 as printed
+(log of the losses, then their inverses, normalised within the group). The losses are sums over all
+calibration tokens (‖(W − W′)X‖_F), so log L > 0 in practice. A
 group where some L ≤ 1 (a log that is not positive has no meaningful inverse) keeps the uniform ratio
 R, recorded in `plan.info["uniform_groups"]`. Ratios are clipped to what a rank-1 factor allows, the
 excess redistributed over the group's other matrices. V2 is training-free: no parameter update.
@@ -35,6 +37,8 @@ from mpt_utils.lowrank.factorized import Factorization, LowRankPlan, breakeven_r
 from mpt_utils.lowrank.ranks import Shape, rank_for_ratio
 from mpt_utils.lowrank.svd import top_singular
 from mpt_utils.progress import progress_bar
+
+REFERENCE_TOKENS = 256 * 2048  # SVD-LLM's whitening calibration: 256 windows of 2048 tokens
 
 
 @torch.no_grad()
@@ -84,17 +88,18 @@ def max_ratio(shape: Shape) -> float:
 
 
 def heterogeneous_ratios(groups: Mapping[str, Sequence[str]], shapes: Mapping[str, Shape],
-                         spectra: Mapping[str, torch.Tensor], ratio: float
+                         spectra: Mapping[str, torch.Tensor], ratio: float, scale: float = 1.0
                          ) -> tuple[dict[str, float], list[str]]:
     """Algorithm 1: per matrix R_i = |G|·R·(1/log L_i)/Σ_j(1/log L_j) within each group, L_i the
-    theoretical truncation loss at the uniform ratio R. Returns (ratio per matrix, groups left uniform)."""
+    theoretical truncation loss at the uniform ratio R (times `scale`, see `plan_svd_llm_v2`).
+    Returns (ratio per matrix, groups left uniform)."""
     out: dict[str, float] = {}
     uniform: list[str] = []
     for group, names in groups.items():
         if ratio == 0:
             out.update(dict.fromkeys(names, 0.0))
             continue
-        losses = [truncation_loss(spectra[n], rank_for_ratio(*shapes[n], ratio)) for n in names]
+        losses = [scale * truncation_loss(spectra[n], rank_for_ratio(*shapes[n], ratio)) for n in names]
         if min(losses) <= 1.0:
             uniform.append(group)
             out.update(dict.fromkeys(names, ratio))
@@ -135,17 +140,18 @@ class SVDLLMV2Plan(LowRankPlan):
     """Factors and spectra computed once; `ranks(ratio)` allocates, `truncation_losses(ratio)` reports."""
 
     def __init__(self, facts: dict[str, Factorization], spectra: dict[str, torch.Tensor],
-                 shapes: dict[str, Shape], groups: dict[str, list[str]], heterogeneous: bool):
+                 shapes: dict[str, Shape], groups: dict[str, list[str]], heterogeneous: bool, scale: float = 1.0):
         self.spectra, self._shapes, self.groups, self.heterogeneous = spectra, shapes, groups, heterogeneous
+        self.scale = scale
         super().__init__("svd_llm_v2", facts, self._allocate_ranks,
                          {"calibration": True, "heterogeneous": heterogeneous, "groups": groups,
-                          "uniform_groups": {}, "matrix_ratios": {}})
+                          "uniform_groups": {}, "matrix_ratios": {}, "loss_scale": scale})
 
     def _allocate_ranks(self, ratio: float) -> dict[str, int]:
         if not self.heterogeneous:
             per = dict.fromkeys(self._shapes, ratio)
         else:
-            per, uniform = heterogeneous_ratios(self.groups, self._shapes, self.spectra, ratio)
+            per, uniform = heterogeneous_ratios(self.groups, self._shapes, self.spectra, ratio, self.scale)
             self.info["uniform_groups"][ratio] = uniform
         self.info["matrix_ratios"][ratio] = per
         return {n: rank_for_ratio(*self._shapes[n], r) for n, r in per.items()}
@@ -159,10 +165,18 @@ class SVDLLMV2Plan(LowRankPlan):
 def plan_svd_llm_v2(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
                     stats: dict[str, LayerStats] | None = None, device: str | torch.device | None = None,
                     layer_filter: Callable[[str], bool] | None = None, progress: bool = True,
-                    heterogeneous: bool = True, damp: float = 1e-10) -> LowRankPlan:
+                    heterogeneous: bool = True, loss_tokens: int | None = REFERENCE_TOKENS,
+                    damp: float = 1e-10) -> LowRankPlan:
     """SVD-LLM V2 on the dense model's calibration Gram matrices (`stats`, else gathered from
     `calib_ids`). `heterogeneous=False` gives every matrix the target ratio (the paper's ablation
-    "loss-optimized truncation only")."""
+    "loss-optimized truncation only").
+
+    `loss_tokens`: the allocation takes the log of a loss summed over the calibration tokens, so it
+    depends on how many there are (L grows as √tokens). The losses are rescaled to `loss_tokens`
+    tokens, by default the reference's calibration (256 windows of 2048 tokens, SVD-LLM's
+    whitening set), so a profile with fewer windows allocates as the reference would on the same
+    data; None uses the losses as measured. The truncation itself and the reported losses are
+    unaffected."""
     from mpt_utils.models import pick_device
 
     dev = pick_device(device)
@@ -187,4 +201,8 @@ def plan_svd_llm_v2(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
     groups: dict[str, list[str]] = {}
     for n in linears:
         groups.setdefault(kind_of(n), []).append(n)
-    return SVDLLMV2Plan(facts, spectra, shapes, groups, heterogeneous)
+    if loss_tokens is not None and loss_tokens < 1:
+        raise MPTError(f"loss_tokens={loss_tokens} must be a positive token count", "the reference: 256 × 2048")
+    tokens = max(stats[next(iter(linears))].n, 1)
+    scale = 1.0 if loss_tokens is None else math.sqrt(loss_tokens / tokens)
+    return SVDLLMV2Plan(facts, spectra, shapes, groups, heterogeneous, scale)
