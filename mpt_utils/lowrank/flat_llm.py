@@ -18,7 +18,9 @@ Compression", Tian, Solgi, Lu, Yang, Li and Zhang, arXiv:2505.23966, github.com/
    keys and queries keep their full head dimension.
 3. MLP. The reference keeps k = ⌊φ·d_int⌋ intermediate neurons with the largest ridge leverage scores
    diag(C(C + I)⁻¹) (C: Gram matrix of down_proj's inputs) and refits down_proj on them:
-   W_down′ = W_down·C[:, S]·C[S, S]⁻¹ (gate and up keep the rows S).
+   W_down′ = W_down·C[:, S]·C[S, S]⁻¹ (gate and up keep the rows S). C[S, S] is inverted as a
+   pseudo-inverse: the same where it is invertible, finite where the calibration has fewer tokens
+   than kept neurons (the reference's plain inverse fails there).
 4. Sequential: block by block, each block's statistics come from the inputs that already went through
    the compressed blocks before it (`calibration.layerwise(sequential=True)`), as `prune_flatllm` does.
 
@@ -166,9 +168,9 @@ def _flat_block(block: nn.Module, stats: dict[str, LayerStats], phi: float, n_he
     scores = torch.diagonal(torch.linalg.solve(c + ridge * eye, c))  # diag(C(C+λI)⁻¹); C symmetric
     keep = torch.topk(scores, k).indices.sort().values
     w_down = mlp.down_proj.weight.detach().to(device, torch.float64)
-    sub = c[keep][:, keep]
-    sub = sub + 1e-10 * torch.diagonal(sub).mean().clamp_min(1e-300) * torch.eye(k, dtype=c.dtype, device=device)
-    new_down = torch.linalg.solve(sub, (w_down @ c[:, keep]).T).T  # W·C[:, S]·C[S, S]⁻¹
+    # W·C[:, S]·C[S, S]⁻¹; the pseudo-inverse equals the inverse when C[S, S] is invertible and stays
+    # finite when it is not (fewer calibration tokens than kept neurons)
+    new_down = w_down @ c[:, keep] @ torch.linalg.pinv(c[keep][:, keep], hermitian=True)
     for name, weight in (("gate_proj", mlp.gate_proj.weight[keep]), ("up_proj", mlp.up_proj.weight[keep]),
                          ("down_proj", new_down)):
         old = getattr(mlp, name)
