@@ -52,7 +52,6 @@ from mpt_utils.lowrank.factorized import (
 )
 
 ATTN, MLP = "self_attn", "mlp"
-PRUNED = ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Q and K stay dense
 
 
 class FlatAttention(nn.Module):
@@ -201,11 +200,10 @@ class FlatLLMPlan(LowRankPlan):
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.prefixes = [n for n, m in model.named_modules() if any(m is b for b in decoder_layers(model))]
-        self._shapes = {f"{p}.{ATTN if n in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else MLP}.{n}":
-                        tuple(get_module(model, f"{p}.{ATTN if n in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else MLP}.{n}"
-                                         ).weight.shape)
-                        for p in self.prefixes
-                        for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+        parts = {"q_proj": ATTN, "k_proj": ATTN, "v_proj": ATTN, "o_proj": ATTN,
+                 "gate_proj": MLP, "up_proj": MLP, "down_proj": MLP}
+        names = [f"{p}.{part}.{n}" for p in self.prefixes for n, part in parts.items()]
+        self._shapes = {n: tuple(get_module(model, n).weight.shape) for n in names}
         self._last: tuple[float, dict[str, nn.Module]] | None = None
         super().__init__("flat_llm", {}, self.kept_shares,
                          {"calibration": True, "importance": importance, "ridge": ridge, "kept_share": {}})
