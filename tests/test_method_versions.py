@@ -15,7 +15,8 @@ FAMILIES = {"pruning method": {"magnitude", "wanda", "sparsegpt", "ria", "admm",
             "structured pruning method": {"shortgpt", "sleb", "flap", "llm_pruner", "slicegpt", "random", "srad",
                                           "shortened_llama", "loraprune", "sheared_llama"},
             "quantizer": {"rtn", "gptq", "awq", "smoothquant", "nf4", "fp4", "llm_int8"},
-            "low-rank method": {"svd", "asvd", "svd_llm", "svd_llm_v2", "flat_llm", "modegpt", "lillama", "losparse"},
+            "low-rank method": {"svd", "asvd", "svd_llm", "svd_llm_v2", "flat_llm", "modegpt", "lillama", "losparse",
+                                "sola"},
             "GGUF ladder step": {"gguf", "gguf-roundtrip"},
             "compression-law method": {"random_prunenet"}}
 

@@ -30,8 +30,6 @@ achieved reduction slightly above the request; it is measured from the tensors.
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from collections.abc import Callable
 
@@ -136,11 +134,10 @@ class SoLAPlan(LowRankPlan):
         low_dense = sum(o * i for o, i in low.values())
         fixed = total - low_dense
         inner = 1.0 - ((1.0 - ratio) * total - fixed) / low_dense
-        if inner >= 1.0 or inner <= 0 and ratio > 0:
+        if inner >= 1.0:
             raise MPTError(f"ratio={ratio} is out of SoLA's reach: the prime neurons, v_proj and the skipped blocks "
                            f"hold {fixed / total:.0%} of the decoder linears' weights",
                            f"use a ratio below {low_dense / total:.2f}, or lower prime_share / skip_layers")
-        inner = min(inner + 1e-9, 1.0 - 1e-9)
         ranks = {}
         for n, (o, i) in low.items():
             try:
@@ -248,7 +245,4 @@ def plan_sola(model: nn.Module, calib_ids: torch.Tensor | None = None, *,
         facts[name] = scaled_svd(weight, bias, lower=lower, device=dev)
     info = {"calibration": True, "prime_share": prime_share, "skip_layers": skip_layers,
             "prime_neurons": {k: v[0].tolist() for k, v in neurons.items()}}
-    if math.isclose(prime_share, 0.0):
-        info["note"] = "prime_share=0: whitened low rank of every MLP neuron"
-    return SoLAPlan(facts, {k: (v[0].clone(), v[1].clone()) for k, v in copy.copy(neurons).items()},
-                    all_shapes, info)
+    return SoLAPlan(facts, neurons, all_shapes, info)
