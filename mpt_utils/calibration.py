@@ -153,18 +153,29 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, device: torc
     return captured, kwargs_seen
 
 
-OnBlock = Callable[[int, nn.Module, dict[str, LayerStats]], None]
+@dataclass
+class BlockIO:
+    """What a block saw on the calibration windows: its inputs (one tensor per window), its outputs
+    before compression and the keyword arguments it is called with (for methods that train a block)."""
+
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    kwargs: dict
+
+
+OnBlock = Callable[..., None]  # on_block(i, block, stats) or, with block_io=True, on_block(i, block, stats, io)
 
 
 @torch.no_grad()
 def layerwise(model: nn.Module, calib_ids: torch.Tensor, on_block: OnBlock, *, sequential: bool = True,
               device: str | torch.device | None = None, keep_rows: int = 0,
               layer_filter: Callable[[str], bool] | None = None, progress: bool = True,
-              desc: str = "blocks") -> None:
+              desc: str = "blocks", block_io: bool = False) -> None:
     """Run `on_block(i, block, stats)` for every decoder block, in order, on calibration inputs.
 
     `stats` maps each linear's name inside the block to its LayerStats. With `sequential=True` the
     next block sees the outputs of the compressed block (SparseGPT/GPTQ), else of the dense one.
+    `block_io=True` also passes a `BlockIO` (the block's inputs and its uncompressed outputs).
     """
     from mpt_utils.models import pick_device
 
@@ -190,7 +201,10 @@ def layerwise(model: nn.Module, calib_ids: torch.Tensor, on_block: OnBlock, *, s
             finally:
                 for h in hooks:
                     h.remove()
-            on_block(i, block, stats)
+            if block_io:
+                on_block(i, block, stats, BlockIO(inputs, outputs, kwargs))
+            else:
+                on_block(i, block, stats)
             if sequential:
                 outputs = [_first_output(block(x, **kwargs)) for x in inputs]
             inputs = outputs
