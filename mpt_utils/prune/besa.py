@@ -17,7 +17,11 @@ the block's (pruned-model) inputs. Optimiser: Prodigy (lr 1, d_coef 5), one epoc
 calibration windows, one window per step. Afterwards every row is pruned at its learned sparsity.
 
 Defaults are the released row-wise LLaMA runs: epochs 1, step 0.01, λ (`sparsity_beta`) 5, loss
-weight 1, Prodigy lr 1 and d_coef 5, sigmoid smoothing on.
+weight 1, Prodigy lr 1, d_coef 5 and initial step size d0 1e-6, sigmoid smoothing on.
+Reduced budgets: a block takes epochs × (calibration windows) optimiser steps (the paper: 1 × 128).
+Prodigy's step size grows from d0 over roughly its first 15 steps, so a budget of a few steps per
+block learns almost nothing from d0 = 1e-6; raise `d0` with a short budget (the embedded profile:
+4 windows, `epochs=2`, `d0=1e-3`, i.e. 8 steps per block).
 Deviations, both options: `exact=True` (default) shifts the learned row sparsities by one common
 offset and rounds them so each block prunes exactly round(S·#weights) weights (the released code
 floors the learned sparsities and lands within the penalty's tolerance of S; `exact=False` does
