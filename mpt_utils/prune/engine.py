@@ -8,8 +8,10 @@ Three ways to get each layer's input statistics, all through mpt_utils.calibrati
   shortcut, not the published protocol: later blocks are pruned for inputs they no longer receive.
 - no statistics at all for magnitude pruning.
 
-A per-block allocation (OWL) scores blocks on the dense model in every mode; those scores do not
-depend on the ratio, so a sweep computes them once (`allocation_scores`) and passes `block_scores`.
+A block-level method (BESA, trait `block_level`) trains on each block's calibration inputs and
+outputs, so it runs only with `calib_ids`. A per-block allocation (OWL) scores blocks on the dense
+model in every mode; those scores do not depend on the ratio, so a sweep computes them once
+(`allocation_scores`) and passes `block_scores`.
 """
 
 from __future__ import annotations
