@@ -35,7 +35,7 @@ class PruneMethod:
     updates_weights: bool = False  # SparseGPT/ADMM reconstruct the kept weights, the others only mask
     supports_nm: bool = True
     allocate: Any = None  # mpt_utils.prune.owl.Allocation-like object, or None for uniform sparsity
-    block_level: bool = False  # BESA: fn prunes a whole block from its inputs and outputs (see below)
+    block_level: bool = False  # BESA: fn prunes a whole block from its inputs and outputs (ENGINE_ARGS)
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)

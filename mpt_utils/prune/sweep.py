@@ -1,8 +1,8 @@
 """Sparsity sweeps: many (method, sparsity) points on one model, each point stored as it finishes.
 
 Mode "sequential" (the default) is the published protocol of Wanda, SparseGPT, ADMM, RIA, OWL,
-DSnoT and BESA (which has no dense mode): every point runs the layer-by-layer engine, so block i is pruned from the outputs of the
-already pruned blocks 0..i-1. Those inputs change with the method and the ratio, so each point
+DSnoT and BESA (which has no dense mode): every point runs the layer-by-layer engine, so block i is
+pruned from the outputs of the already pruned blocks 0..i-1. Those inputs change with the method and the ratio, so each point
 recomputes every block's statistics, even for mask-only methods; what a session reuses is what does
 not depend on the point: the tokenized calibration windows and OWL's dense block scores.
 Mode "dense" is a labelled fast shortcut: the dense model's per-layer statistics (`collect_stats`)
