@@ -162,7 +162,17 @@ def capture_block_inputs(model: nn.Module, calib_ids: torch.Tensor, device: torc
     return captured, kwargs_seen
 
 
-OnBlock = Callable[[int, nn.Module, dict[str, LayerStats]], None]
+@dataclass
+class BlockIO:
+    """What a block saw on the calibration windows: its inputs (one tensor per window), its outputs
+    before compression and the keyword arguments it is called with (for methods that train a block)."""
+
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+    kwargs: dict
+
+
+OnBlock = Callable[..., None]  # on_block(i, block, stats) or, with block_io=True, on_block(i, block, stats, io)
 
 # the default of `layerwise(stream=None)`: set by `streaming()` so a whole recipe streams without
 # every family's entry point passing the flag down
@@ -212,13 +222,14 @@ def peak_device_memory(device: str | torch.device | None) -> int | None:
 def layerwise(model: nn.Module, calib_ids: torch.Tensor, on_block: OnBlock, *, sequential: bool = True,
               device: str | torch.device | None = None, keep_rows: int = 0,
               layer_filter: Callable[[str], bool] | None = None, progress: bool = True,
-              desc: str = "blocks", stream: bool | None = None) -> None:
+              desc: str = "blocks", stream: bool | None = None, block_io: bool = False) -> None:
     """Run `on_block(i, block, stats)` for every decoder block, in order, on calibration inputs.
 
     `stats` maps each linear's name inside the block to its LayerStats. With `sequential=True` the
     next block sees the outputs of the compressed block (SparseGPT/GPTQ), else of the dense one.
     `stream`: keep the model on CPU and move one block at a time to `device` (module docstring);
     None: as set by `streaming()` (off by default). The model ends where it started.
+    `block_io=True` also passes a `BlockIO` (the block's inputs and its uncompressed outputs).
     """
     from mpt_utils.models import pick_device
 
@@ -252,7 +263,10 @@ def layerwise(model: nn.Module, calib_ids: torch.Tensor, on_block: OnBlock, *, s
             finally:
                 for h in hooks:
                     h.remove()
-            on_block(i, block, stats)
+            if block_io:
+                on_block(i, block, stats, BlockIO(inputs, outputs, kwargs))
+            else:
+                on_block(i, block, stats)
             if sequential:
                 outputs = [_first_output(block(x, **kwargs)) for x in inputs]
             inputs = outputs

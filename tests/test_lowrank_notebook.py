@@ -18,8 +18,8 @@ def test_low_rank_notebook_runs_on_tiny_model(tmp_path):
     )
     text = json.dumps(json.loads(out.read_text()))
     assert "SVD-LLM (seq)" in text and "speedup" in text
-    assert "SVD-LLM V2" in text and "FLAT-LLM" in text  # every curve of the default methods parameter
-    assert "not implemented here: SFSD, SoLA" in text  # Fig. 5's methods this suite lacks, said in the conclusion
+    assert "SVD-LLM V2" in text and "FLAT-LLM" in text and "SoLA" in text  # every curve of the default methods
+    assert "not implemented here: SFSD" in text and "here: SFSD, SoLA" not in text  # Fig. 5 methods the suite lacks
     assert "same-top-1 %" in text and "Paired metric. " in text  # KL beside PPL, and its computed sentence
     for name in ("05_lowrank_ptp", "05_lowrank_modes", "05_lowrank_speed", "05_asvd_allocation", "05_lowrank_kl"):
         assert (tmp_path / "fig" / f"{name}.png").exists()

@@ -11,7 +11,7 @@ from mpt_utils.errors import MPTError
 from mpt_utils.registry import METHOD_VERSIONS
 from mpt_utils.store import ResultsStore
 
-FAMILIES = {"pruning method": {"magnitude", "wanda", "sparsegpt", "ria", "admm", "owl", "dsnot"},
+FAMILIES = {"pruning method": {"magnitude", "wanda", "sparsegpt", "ria", "admm", "owl", "dsnot", "besa"},
             "structured pruning method": {"shortgpt", "sleb", "flap", "llm_pruner", "slicegpt", "random", "srad",
                                           "shortened_llama", "loraprune", "sheared_llama"},
             "quantizer": {"rtn", "gptq", "awq", "smoothquant", "nf4", "fp4", "llm_int8"},

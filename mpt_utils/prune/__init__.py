@@ -35,6 +35,7 @@ class PruneMethod:
     updates_weights: bool = False  # SparseGPT/ADMM reconstruct the kept weights, the others only mask
     supports_nm: bool = True
     allocate: Any = None  # mpt_utils.prune.owl.Allocation-like object, or None for uniform sparsity
+    block_level: bool = False  # BESA: fn prunes a whole block from its inputs and outputs (ENGINE_ARGS)
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -44,13 +45,15 @@ def _method(info: MethodInfo, fn: Callable) -> PruneMethod:
     return PruneMethod(info.name, fn, info.calibration, **info.traits)
 
 
-# what the engine passes to every layer-level function itself (never user options)
-ENGINE_ARGS = ("weight", "stats", "sparsity", "pattern", "name", "cache")
+# what the engine passes to every layer-level function itself (never user options); a block-level
+# method (trait block_level=True) is called fn(block, stats, sparsity, pattern, *, io, name, cache, ...)
+# with the block's linears' stats and its calibration inputs/outputs (mpt_utils.calibration.BlockIO)
+ENGINE_ARGS = ("weight", "stats", "sparsity", "pattern", "name", "cache", "block", "io")
 # Every module of this package is imported on first lookup; each method module registers itself with
 # `@PRUNERS.register(name, version=, display=, calibration=, <traits below>)`.
 PRUNERS: Registry[PruneMethod] = Registry(
     "pruning method", ENGINE_ARGS, family="prune", package=__name__, wrap=_method,
-    traits={"updates_weights": False, "supports_nm": True, "allocate": None})
+    traits={"updates_weights": False, "supports_nm": True, "allocate": None, "block_level": False})
 
 
 def get_method(name: str) -> PruneMethod:

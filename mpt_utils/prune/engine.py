@@ -8,8 +8,10 @@ Three ways to get each layer's input statistics, all through mpt_utils.calibrati
   shortcut, not the published protocol: later blocks are pruned for inputs they no longer receive.
 - no statistics at all for magnitude pruning.
 
-A per-block allocation (OWL) scores blocks on the dense model in every mode; those scores do not
-depend on the ratio, so a sweep computes them once (`allocation_scores`) and passes `block_scores`.
+A block-level method (BESA, trait `block_level`) trains on each block's calibration inputs and
+outputs, so it runs only with `calib_ids`. A per-block allocation (OWL) scores blocks on the dense
+model in every mode; those scores do not depend on the ratio, so a sweep computes them once
+(`allocation_scores`) and passes `block_scores`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpt_utils.calibration import LayerStats, decoder_layers, layerwise, linear_layers
+from mpt_utils.calibration import BlockIO, LayerStats, decoder_layers, layerwise, linear_layers
 from mpt_utils.errors import MPTError
 from mpt_utils.prune import PruneMethod, check_method_options, get_method
 from mpt_utils.prune.masks import Pattern, parse_pattern, pattern_name, resolve_sparsity
@@ -149,6 +151,10 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
                        "use unstructured sparsity with this method, or another method for N:M")
     if spec.calibration and stats is None and calib_ids is None:
         raise MPTError(f"{method} needs calibration data", "pass calib_ids=... or stats=collect_stats(...)")
+    if spec.block_level and stats is not None:
+        raise MPTError(f"{method} trains each block on that block's own inputs and outputs, which dense "
+                       "per-layer statistics do not hold",
+                       "pass calib_ids=... (the layer-by-layer engine; a sweep's mode='sequential')")
     if spec.calibration:
         opts = _window_opts(spec, method, opts, None if stats is not None else calib_ids, calib_seqlen)
     if spec.allocate is not None and block_scores is not None and len(block_scores) != len(decoder_layers(model)):
@@ -179,11 +185,14 @@ def prune_model(model: nn.Module, method: str, sparsity: float | None = None, *,
                                                        progress=progress, stream=stream, **opts)
             targets = spec.allocate.ratios(scores, target, **opts)
 
-        def on_block(i: int, block: nn.Module, st: dict[str, LayerStats]) -> None:
-            _prune_block(block, st, spec, targets[i], nm, prefixes[i], None, opts)
+        def on_block(i: int, block: nn.Module, st: dict[str, LayerStats], io: BlockIO | None = None) -> None:
+            if spec.block_level:  # BESA: the method prunes the whole block from its inputs and outputs
+                spec.fn(block, st, targets[i], nm, io=io, name=prefixes[i], cache=None, **opts)
+            else:
+                _prune_block(block, st, spec, targets[i], nm, prefixes[i], None, opts)
 
         layerwise(model, calib_ids, on_block, sequential=sequential, device=device, progress=progress,
-                  desc=f"prune {method}", stream=stream)
+                  desc=f"prune {method}", stream=stream, block_io=spec.block_level)
     seconds = time.perf_counter() - start
     measured = sparsity_report(model, nm)
     return PruneReport(method=method, pattern=pattern_name(nm), requested=target, achieved=measured["sparsity"],

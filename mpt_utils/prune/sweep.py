@@ -1,8 +1,8 @@
 """Sparsity sweeps: many (method, sparsity) points on one model, each point stored as it finishes.
 
-Mode "sequential" (the default) is the published protocol of Wanda, SparseGPT, ADMM, RIA, OWL and
-DSnoT: every point runs the layer-by-layer engine, so block i is pruned from the outputs of the
-already pruned blocks 0..i-1. Those inputs change with the method and the ratio, so each point
+Mode "sequential" (the default) is the published protocol of Wanda, SparseGPT, ADMM, RIA, OWL,
+DSnoT and BESA (which has no dense mode): every point runs the layer-by-layer engine, so block i is
+pruned from the outputs of the already pruned blocks 0..i-1. Those inputs change with the method and the ratio, so each point
 recomputes every block's statistics, even for mask-only methods; what a session reuses is what does
 not depend on the point: the tokenized calibration windows and OWL's dense block scores.
 Mode "dense" is a labelled fast shortcut: the dense model's per-layer statistics (`collect_stats`)
@@ -218,14 +218,16 @@ class PruneSession:
         """How far the dense-statistics shortcut drifts from sequential pruning: one row per
         (calibrated method, sparsity) with the PPL on the first eval set in both modes, their ratio
         (dense / sequential) and each mode's pruning seconds. Stored points (e.g. this session's
-        sweep) are reused; data-free methods are skipped (the same point in both modes)."""
+        sweep) are reused; data-free methods are skipped (the same point in both modes), and so are
+        block-level ones (BESA trains on block outputs, which dense statistics do not hold)."""
         from mpt_utils.prune import get_method
 
         sessions = {m: self if m == self.mode else self.derive(mode=m) for m in MODES}
         rows: list[dict[str, Any]] = []
         try:
             for method in methods:
-                if not get_method(parse_method(method)[0]).calibration:
+                spec = get_method(parse_method(method)[0])
+                if not spec.calibration or spec.block_level:
                     continue
                 opts = dict((method_opts or {}).get(method, {}))
                 for s in sparsities:
@@ -261,10 +263,11 @@ def unstructured_findings(table: pd.DataFrame, drift: pd.DataFrame, patterns: It
         jump = (table["0.7"] / table["0.5"]).dropna()
         out.append("PPL(0.7)/PPL(0.5) per method, the jump across the paper's transition: "
                    + ", ".join(f"{m} ×{v:.1f}" for m, v in jump.items()) + ".")
-    full = [c for c in cols if 0.6 <= float(c) <= 0.8 and table[c].notna().all() and len(table) > 1]
+    # a method run at fewer sparsities (BESA) leaves gaps: rank the methods measured at that sparsity
+    full = [c for c in cols if 0.6 <= float(c) <= 0.8 and table[c].notna().sum() > 1]
     if full:
-        s = "0.7" if "0.7" in full else full[-1]
-        ranked = table[s].sort_values()
+        s = "0.7" if "0.7" in full else max(full, key=lambda c: (table[c].notna().sum(), float(c)))
+        ranked = table[s].dropna().sort_values()
         updating = [m for m in ranked.index if get_method(parse_method(m)[0]).updates_weights]
         masking = [m for m in ranked.index if m not in updating]
         out.append(f"At sparsity {s} (best first): " + ", ".join(f"{m} {v:.1f}" for m, v in ranked.items()) + ".")
