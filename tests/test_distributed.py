@@ -51,8 +51,8 @@ def _assert_same_points(a: list[list[dict]], b: list[list[dict]]) -> None:
             dx, dy = dict(rx), dict(ry)
             assert dx.keys() == dy.keys()
             for k in dx:
-                if isinstance(dx[k], float):
-                    assert dx[k] == pytest.approx(dy[k], rel=1e-5, abs=1e-8), (dx["metric"], k)
+                if isinstance(dx[k], float):  # float32 rounding: a Ray worker runs torch on its own thread count
+                    assert dx[k] == pytest.approx(dy[k], rel=1e-5, abs=1e-6), (dx["metric"], k)
                 else:
                     assert dx[k] == dy[k], (dx["metric"], k)
 
