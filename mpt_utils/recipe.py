@@ -11,7 +11,8 @@ the canonical form, which parses back to an equal recipe):
                                                     (left out: the method's default; 0: per output row)
               | "gguf:" SCHEME                      a llama.cpp file type (e.g. Q4_K_M), always last
     opts     := "[" key "=" value ("," key "=" value)* "]"   keys sorted; values are JSON scalars
-                                                    (1, 0.01, true, null, "text") or bare words (sparsegpt)
+                                                    (1, 0.01, true, null, "text"), bare words (sparsegpt)
+                                                    or lists of scalars ([0.2,0.4,0.6], kept as tuples)
 
 e.g. `asvd@0.05 > admm@0.35 > gguf:Q3_K_M`, `svd@0.1 > wanda@0.5 > rtn:4bit`, `wanda@2:4`,
 `gptq:3bit/g128`, `sparsegpt@0.6[blocksize=64,percdamp=0.01]`, `rtn:4bit[sym=true]`. The family of a
@@ -165,10 +166,16 @@ def _coerce_options(options: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> O
             raise MPTError(f"option name {key!r} is not an identifier", "write options as [key=value,...]")
         if keys.count(key) > 1:
             raise MPTError(f"option {key!r} given twice", "give each option once")
-        if value is not None and not isinstance(value, bool | int | float | str):
-            raise MPTError(f"option {key}={value!r} is not a JSON scalar",
-                           "a recipe holds numbers, true/false, null and strings; call the family API for more")
-    return tuple(sorted(pairs))
+        if not _is_scalar(value) and not (isinstance(value, list | tuple) and all(map(_is_scalar, value))):
+            raise MPTError(f"option {key}={value!r} is not a JSON scalar or a list of them",
+                           "a recipe holds numbers, true/false, null, strings and lists of them; "
+                           "call the family API for more")
+    # a list becomes a tuple: options are part of hashable cache keys (a low-rank plan's)
+    return tuple(sorted((k, tuple(v) if isinstance(v, list | tuple) else v) for k, v in pairs))
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
 
 
 def _check_step_options(family: str, method: str, options: dict[str, Any]) -> None:
@@ -200,6 +207,8 @@ def _check_step_options(family: str, method: str, options: dict[str, Any]) -> No
 
 
 def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(json.dumps(v) for v in value) + "]"
     if isinstance(value, str) and _BARE.fullmatch(value) and not _is_json(value):
         return value
     return json.dumps(value)
@@ -220,8 +229,11 @@ def _parse_value(raw: str) -> Any:
         value = json.loads(raw)
     except ValueError:
         value = ...
+    if isinstance(value, list) and all(map(_is_scalar, value)):
+        return tuple(value)
     if value is ... or isinstance(value, dict | list):
-        raise MPTError(f"cannot read option value {raw!r}", 'use a number, true/false/null, a word or a "string"')
+        raise MPTError(f"cannot read option value {raw!r}",
+                       'use a number, true/false/null, a word, a "string" or a list of them, e.g. [0.2,0.4]')
     return value
 
 
@@ -436,7 +448,11 @@ def _calib_key(calib_ids: Any) -> str:
     return f"{tuple(calib_ids.shape)}:{hashlib.sha1(data).hexdigest()[:16]}"
 
 
-def _lowrank(model, step: Step, calib_ids, device, progress, cache) -> dict[str, Any]:
+def lowrank_plan(model, step: Step, calib_ids=None, *, device=None, progress: bool = False,
+                 cache: dict | None = None) -> Any:
+    """The ratio-independent plan (`LowRankPlan`: SVDs, ASVD's sensitivity table) of the low-rank
+    `step` on the dense `model`, kept in `cache` per method, options and calibration windows: what a
+    recipe's first low-rank step reuses across ratios, and what timing its layer shapes needs."""
     from mpt_utils.lowrank import prepare
 
     key = ("recipe", step.family, step.method, step.options, _calib_key(calib_ids))
@@ -445,11 +461,19 @@ def _lowrank(model, step: Step, calib_ids, device, progress, cache) -> dict[str,
         plan = prepare(model, step.method, calib_ids, device=device, progress=progress, **step.opts)
         if cache is not None:
             cache[key] = plan
+    return plan
+
+
+def _lowrank(model, step: Step, calib_ids, device, progress, cache) -> dict[str, Any]:
+    plan = lowrank_plan(model, step, calib_ids, device=device, progress=progress, cache=cache)
     report = plan.apply(model, step.setting)
     report.originals = {}  # compressed in place for good: do not keep the dense linears alive
     summary = report.summary()
     summary.pop("decompose_seconds")
-    return {"ratio": report.ratio, **summary}
+    # each decomposed linear's measured rank and size (a method's allocation, e.g. ASVD's)
+    layers = [{"layer": r.name, "rank": r.rank, "out_features": r.out_features, "in_features": r.in_features,
+               "dense_params": r.dense_params, "params": r.params} for r in report.layers]
+    return {"ratio": report.ratio, **summary, "layers": layers}
 
 
 def _prune(model, step: Step, calib_ids, device, progress, cache) -> dict[str, Any]:
@@ -528,4 +552,4 @@ def apply_recipe(model, recipe: Recipe | str, calib_ids=None, *, device=None, pr
     return reports
 
 
-__all__ = ["Bits", "Recipe", "Step", "apply_recipe", "method_families", "needs_calibration"]
+__all__ = ["Bits", "Recipe", "Step", "apply_recipe", "lowrank_plan", "method_families", "needs_calibration"]

@@ -22,6 +22,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Hashable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,16 @@ class Session:
         from mpt_utils.combined.grid import GridBench
 
         key = ("bench", protocol, tuple(sorted(kwargs.items())))
-        return self.cached(key, lambda: GridBench(protocol, session=self, **kwargs))
+
+        def build() -> Any:
+            bench = GridBench(protocol, session=self, **kwargs)
+            # protocols that differ only in what they score share the first steps' work (a low-rank
+            # plan, a structured method's scores): it depends on the dense model and calibration only
+            calibration = replace(protocol, eval_data="", max_windows=None)
+            bench.step_cache = self.cached(("step_cache", calibration), dict)
+            return bench
+
+        return self.cached(key, build)
 
     def point(self, recipe: Any, protocol: Any, **kwargs: Any) -> list[dict[str, Any]]:
         """The stored rows of `recipe` on `protocol` (`combined.grid.grid_point`), computed once."""

@@ -60,13 +60,13 @@ def test_unknown_names_raise_naming_the_closest():
 
 
 def test_names_for_tables_and_papers_come_from_the_catalogue():
-    from mpt_utils.lowrank.sweep import SweepSpec
+    from mpt_utils.lowrank.sweep import Curve
     from mpt_utils.prune.sweep import paper_name
     from mpt_utils.published import load_published
 
     assert display_names("structured", free_suffix=" (calib-free)")["random"] == "Random (calib-free)"
     assert display_names(names=["smoothquant", "gguf"]) == {"smoothquant": "SmoothQuant W8A8", "gguf": "GGUF"}
-    assert SweepSpec("svd_llm", [0.2], {"sequential": True}).display == "SVD-LLM (seq)"
+    assert Curve("svd_llm_seq", "svd_llm", (0.2,), {"sequential": True}).display == "SVD-LLM (seq)"
     assert (paper_name("owl:sparsegpt"), paper_name("dsnot:wanda"), paper_name("ria")) == ("SparseGPT_owl", "w.DSnoT", "RIA")
     assert paper_name("dense") is None and paper_name("owl") is None  # a wrapper's name needs its base
     printed = set().union(*(load_published(t)["method"] for t in ("table1", "table2", "table3", "table4", "table7")))

@@ -4,6 +4,8 @@ import json
 
 import papermill
 
+from mpt_utils.store import ResultsStore
+
 
 def test_low_rank_notebook_runs_on_tiny_model(tmp_path):
     out = tmp_path / "05.ipynb"
@@ -25,5 +27,8 @@ def test_low_rank_notebook_runs_on_tiny_model(tmp_path):
     for name in ("05_lowrank_ptp", "05_lowrank_modes", "05_lowrank_speed", "05_asvd_allocation", "05_lowrank_kl"):
         assert (tmp_path / "fig" / f"{name}.png").exists()
     assert (tmp_path / "store" / "05_ptp_lowrank.csv").exists()
-    options = [json.loads(p.read_text())["config"].get("options") for p in (tmp_path / "store" / "points").glob("*.json")]
-    assert {"update_steps": 1} in options and {"update_steps": 1, "sequential": True} in options  # svd_llm_options
+    recipes = {json.loads(p.read_text())["config"].get("recipe") for p in (tmp_path / "store" / "points").glob("*.json")}
+    # svd_llm_options reach both SVD-LLM curves; the extra corpus scores the same recipe at 20%
+    assert {"svd_llm@0.2[update_steps=1]", "svd_llm@0.2[sequential=true,update_steps=1]", "dense"} <= recipes
+    stored = ResultsStore(tmp_path / "store").frame()
+    assert set(stored.loc[stored.recipe == "svd@0.2", "data"].dropna()) == {"embedded-wiki", "embedded-news"}

@@ -21,6 +21,7 @@ CANONICAL = [
     "sparsegpt@0.6[blocksize=64,percdamp=0.01]",
     "owl@0.5[base=sparsegpt,lam=0.08] > rtn:4bit/g0[sym=true]",
     "svd_llm@0.2[update=none] > shortgpt@0.25 > gptq:3bit/g64",
+    "asvd@0.2[alpha=0.5,candidates=[0.2,0.4,0.6],granularity=part,sens_seqlen=null]",
     "dense",
 ]
 
@@ -54,6 +55,9 @@ def test_programmatic_steps_equal_parsed_ones():
     built = Recipe((Step.of("sparsegpt", 0.6, percdamp=0.01, blocksize=64), Step.of("gptq", Bits(3, 128))))
     assert built == Recipe.parse("sparsegpt@0.6[blocksize=64,percdamp=0.01] > gptq:3bit/g128")
     assert Step.of("wanda", (2, 4)).setting == (2, 4) and str(Step.of("wanda", "2:4")) == "wanda@2:4"
+    listed = Step.of("asvd", 0.2, candidates=[0.2, 0.4])  # a list option is kept as a tuple: hashable
+    assert listed == Step.parse("asvd@0.2[candidates=[0.2, 0.4]]") and hash(listed.options)
+    assert listed.opts["candidates"] == (0.2, 0.4)
 
 
 @pytest.mark.parametrize("text, problem, fix", [
@@ -73,6 +77,7 @@ def test_programmatic_steps_equal_parsed_ones():
     ("wanda:0.5", "writes its setting after ':'", "wanda@0.5"),
     ("wanda", "has no setting", "sparsity"),
     ("svd@0.1 >", "empty step", ""),
+    ('asvd@0.2[candidates={"a":1}]', "cannot read option value", "list of them"),
 ])
 def test_bad_recipes_are_one_mpterror_naming_the_problem(text, problem, fix):
     with pytest.raises(MPTError) as info:

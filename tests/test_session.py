@@ -7,7 +7,6 @@ import pytest
 
 from mpt_utils.combined.grid import GridSetup, metric, point_config
 from mpt_utils.errors import MPTError
-from mpt_utils.lowrank.sweep import LowRankSweep, SweepSpec
 from mpt_utils.prune.structured.sweep import SweepSettings, structured_sweep
 from mpt_utils.prune.sweep import PruneSession
 from mpt_utils.quant.sweep import Setup, Workbench, quant_point
@@ -41,8 +40,6 @@ def test_every_family_driver_shares_one_load_one_calibration_and_one_evaluator(c
 
     prune = PruneSession("tiny-llama", store, eval_data=[corpus], max_eval_windows=2, session=session, **protocol)
     prune.point("wanda", 0.5)
-    lowrank = LowRankSweep("tiny-llama", store, eval_data=corpus, max_eval_windows=2, session=session, **protocol)
-    lowrank.run([SweepSpec("svd_llm", [0.2], {"update": "none"})])
     bench = Workbench(Setup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol),
                       session=session)
     quant_point(store, bench, "gptq", 4, group_size=32, progress=False)
@@ -50,11 +47,12 @@ def test_every_family_driver_shares_one_load_one_calibration_and_one_evaluator(c
     structured_sweep(session, store, settings, ["shortgpt"], [0.25], log=None)
     grid = GridSetup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol)
     session.point("wanda@0.5 > rtn:4bit", grid)
+    session.point("svd_llm@0.2[update=none]", grid)  # a low-rank point is a recipe point too
 
-    assert calls == [1]  # one load for five drivers
+    assert calls == [1]  # one load for every driver
     assert drawn == [(corpus, 4, 32, 0)]  # one calibration draw
-    assert session.paired(32, 2) is prune.paired is lowrank.paired is bench.paired()
-    assert lowrank.stats is bench.dense_stats()  # one dense statistics pass
+    assert session.paired(32, 2) is prune.paired is bench.paired() is session.bench(grid).paired()
+    assert prune.stats is bench.dense_stats()  # one dense statistics pass
 
 
 def test_the_recipe_point_is_the_grid_point_and_a_rerun_loads_nothing(counted, corpus):

@@ -150,6 +150,18 @@ class GridBench(Workbench):
         finally:
             model.to(home)
 
+    def forget(self, method: str, options: dict[str, Any] | None = None) -> None:
+        """Drop what recipes starting with `method` (with exactly these `options` when given) keep here:
+        its ratio-independent work in `step_cache` (a low-rank plan holds a model's worth of factors)
+        and the kept prefixes, so a sweep of several methods holds one method's state at a time."""
+        def mine(step_method: str, step_options: Any) -> bool:
+            return step_method == method and (options is None or dict(step_options) == dict(options))
+
+        for key in [k for k in self.step_cache if isinstance(k, tuple) and len(k) > 3 and mine(k[2], k[3])]:
+            del self.step_cache[key]
+        for text in [t for t in self._prefixes if mine(Recipe.parse(t)[0].method, Recipe.parse(t)[0].options)]:
+            del self._prefixes[text]
+
     def _keep(self, text: str, model: torch.nn.Module, reports: list[dict[str, Any]]) -> None:
         self._prefixes[text] = (copy.deepcopy(model), [dict(r) for r in reports])
         self._prefixes.move_to_end(text)
