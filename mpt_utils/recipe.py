@@ -453,11 +453,21 @@ def _lowrank(model, step: Step, calib_ids, device, progress, cache) -> dict[str,
 
 
 def _prune(model, step: Step, calib_ids, device, progress, cache) -> dict[str, Any]:
-    from mpt_utils.prune.engine import prune_model
+    from mpt_utils.prune import get_method
+    from mpt_utils.prune.engine import allocation_scores, prune_model
 
     nm = isinstance(step.setting, tuple)
+    scores = None
+    if cache is not None and get_method(step.method).allocate is not None:
+        # OWL's dense block scores do not depend on the ratio: one dense pass serves a whole sweep
+        key = ("recipe", step.family, step.method, step.options, _calib_key(calib_ids), "block_scores")
+        if key not in cache:
+            cache[key] = allocation_scores(model, step.method, calib_ids=calib_ids, device=device,
+                                           progress=progress, **step.opts)
+        scores = cache[key]
     report = prune_model(model, step.method, None if nm else step.setting, calib_ids=calib_ids,
-                         pattern=step.setting if nm else None, device=device, progress=progress, **step.opts)
+                         pattern=step.setting if nm else None, device=device, progress=progress,
+                         block_scores=scores, **step.opts)
     return {k: v for k, v in report.as_dict().items() if k not in ("method", "seconds")}
 
 
