@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -420,8 +421,21 @@ class Recipe:
         return {"recipe": str(self),
                 "steps": [{"family": s.family, "method": s.method, "setting": s.setting_text, "options": s.opts,
                            "version": s.version} for s in self.steps],
-                # the store's own version lookup (store.point_inputs) reads this key as well
-                "registry_method": [s.method for s in self.steps]}
+                # the store's own version lookup (store.point_inputs) reads this key as well; a wrapper's
+                # base method (owl@0.5[base=sparsegpt]) counts too, so bumping the base recomputes it
+                "registry_method": [n for s in self.steps for n in (s.method, *_base_method(s))]}
+
+
+def _base_method(step: Step) -> list[str]:
+    """The method a wrapper step (OWL, DSnoT) runs inside, named by its `base` option or defaulted."""
+    if step.family != "prune":
+        return []
+    from mpt_utils.prune import get_method
+
+    base = step.opts.get("base", inspect.signature(get_method(step.method).fn).parameters.get("base"))
+    if isinstance(base, inspect.Parameter):
+        base = base.default
+    return [base] if isinstance(base, str) else []
 
 
 # -- applying ------------------------------------------------------------------------------------------

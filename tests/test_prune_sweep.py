@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mpt_utils.combined.grid import GridSetup
+from mpt_utils.combined.grid import GridSetup, point_config
 from mpt_utils.data import calibration_windows
 from mpt_utils.errors import MPTError
 from mpt_utils.prune import prune_model
@@ -137,3 +137,16 @@ def test_unstructured_findings_from_the_table_and_the_drift():
     assert lines[3] == "Magnitude ranks 3 of 3 (last, as in the paper)."
     assert "×0.90 to ×1.05" in lines[4] and "furthest: sparsegpt at 0.7" in lines[4]
     assert unstructured_findings(table[["0.5"]], drift.iloc[0:0]) == []
+
+
+def test_a_wrapper_recipe_is_keyed_by_its_base_method_version(tmp_path, monkeypatch):
+    import dataclasses
+
+    from mpt_utils.registry import METHOD_VERSIONS
+
+    store = ResultsStore(tmp_path)
+    protocol = GridSetup(model="tiny-llama", eval_data="embedded-wiki", calib_data="embedded-wiki")
+    keys = {r: store.key(point_config(protocol, r)) for r in ("owl@0.5[base=wanda]", "owl@0.5[base=sparsegpt]")}
+    monkeypatch.setitem(METHOD_VERSIONS, "wanda", dataclasses.replace(METHOD_VERSIONS["wanda"], version=99))
+    assert store.key(point_config(protocol, "owl@0.5[base=wanda]")) != keys["owl@0.5[base=wanda]"]
+    assert store.key(point_config(protocol, "owl@0.5[base=sparsegpt]")) == keys["owl@0.5[base=sparsegpt]"]
