@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -432,8 +433,21 @@ class Recipe:
         return {"recipe": str(self),
                 "steps": [{"family": s.family, "method": s.method, "setting": s.setting_text, "options": s.opts,
                            "version": s.version} for s in self.steps],
-                # the store's own version lookup (store.point_inputs) reads this key as well
-                "registry_method": [s.method for s in self.steps]}
+                # the store's own version lookup (store.point_inputs) reads this key as well; a wrapper's
+                # base method (owl@0.5[base=sparsegpt]) counts too, so bumping the base recomputes it
+                "registry_method": [n for s in self.steps for n in (s.method, *_base_method(s))]}
+
+
+def _base_method(step: Step) -> list[str]:
+    """The method a wrapper step (OWL, DSnoT) runs inside, named by its `base` option or defaulted."""
+    if step.family != "prune":
+        return []
+    from mpt_utils.prune import get_method
+
+    base = step.opts.get("base", inspect.signature(get_method(step.method).fn).parameters.get("base"))
+    if isinstance(base, inspect.Parameter):
+        base = base.default
+    return [base] if isinstance(base, str) else []
 
 
 # -- applying ------------------------------------------------------------------------------------------
@@ -477,11 +491,21 @@ def _lowrank(model, step: Step, calib_ids, device, progress, cache) -> dict[str,
 
 
 def _prune(model, step: Step, calib_ids, device, progress, cache) -> dict[str, Any]:
-    from mpt_utils.prune.engine import prune_model
+    from mpt_utils.prune import get_method
+    from mpt_utils.prune.engine import allocation_scores, prune_model
 
     nm = isinstance(step.setting, tuple)
+    scores = None
+    if cache is not None and get_method(step.method).allocate is not None:
+        # OWL's dense block scores do not depend on the ratio: one dense pass serves a whole sweep
+        key = ("recipe", step.family, step.method, step.options, _calib_key(calib_ids), "block_scores")
+        if key not in cache:
+            cache[key] = allocation_scores(model, step.method, calib_ids=calib_ids, device=device,
+                                           progress=progress, **step.opts)
+        scores = cache[key]
     report = prune_model(model, step.method, None if nm else step.setting, calib_ids=calib_ids,
-                         pattern=step.setting if nm else None, device=device, progress=progress, **step.opts)
+                         pattern=step.setting if nm else None, device=device, progress=progress,
+                         block_scores=scores, **step.opts)
     return {k: v for k, v in report.as_dict().items() if k not in ("method", "seconds")}
 
 

@@ -105,6 +105,22 @@ def test_the_key_is_the_recipe_and_the_protocol(tmp_path, corpus):
         grid_point(store, GridBench(setup), "wanda@0.5 > gguf:Q8_0", keep_files=True)
 
 
+def test_calib_seqlen_enters_the_key_only_when_set(tmp_path, corpus, loaded):
+    setup = GridSetup(model="tiny-llama", eval_data="embedded-wiki", calib_data="embedded-wiki", n_calib=4,
+                      seqlen=32, max_windows=4, seed=0)
+    # the protocol every stored grid point was keyed by before calib_seqlen existed
+    assert setup.config() == {"model": "tiny-llama", "family": "combined", "data": "embedded-wiki",
+                              "calib_data": "embedded-wiki", "seqlen": 32, "n_calib": 4, "max_windows": 4, "seed": 0,
+                              "divergence_k": 64, "dense_dtype_bytes": 2}
+    store = ResultsStore(tmp_path)
+    key = store.key(point_config(setup, "wanda@0.5"))
+    assert store.key(point_config(dataclasses.replace(setup, calib_seqlen=32), "wanda@0.5")) == key  # = seqlen
+    short = dataclasses.replace(setup, calib_seqlen=16)
+    assert short.config()["calib_seqlen"] == 16 and store.key(point_config(short, "wanda@0.5")) != key
+    bench = GridBench(dataclasses.replace(_setup(corpus), calib_seqlen=16), lambda: loaded)
+    assert tuple(bench.calib_ids().shape) == (4, 16)  # every calibrated step reads these windows
+
+
 @pytest.mark.gguf
 @pytest.mark.skipif(not has_llama_cpp(), reason="llama-cpp-python not installed")
 def test_gguf_grid_point_is_the_quantized_file_scored_by_llama_cpp(tmp_path, corpus, loaded):

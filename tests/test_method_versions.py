@@ -109,21 +109,19 @@ def test_bumping_one_version_invalidates_only_its_points(tmp_path, monkeypatch):
 # -- method options -----------------------------------------------------------------------------------
 def test_misspelled_pruning_option_names_the_closest(tiny, tmp_path):
     from mpt_utils.prune import prune_model
-    from mpt_utils.prune.sweep import PruneSession
+    from mpt_utils.prune.sweep import prune_recipe
 
-    session = PruneSession("tiny-llama", ResultsStore(tmp_path), calib_data="embedded-wiki", n_calib=2,
-                           seqlen=16, eval_data=["embedded-wiki"])
     with pytest.raises(MPTError) as err:
-        session.config("sparsegpt", 0.5, None, {"percdmp": 0.1})
+        prune_recipe("sparsegpt", 0.5, percdmp=0.1)
     assert err.value.message == "unknown option 'percdmp' for pruning method 'sparsegpt'"
     assert err.value.fix == "did you mean 'percdamp'? valid options: blocksize, percdamp"
     with pytest.raises(MPTError, match="did you mean 'lam'"):
-        session.config("owl:sparsegpt", 0.5, None, {"lamda": 0.1})
+        prune_recipe("owl:sparsegpt", 0.5, lamda=0.1)
     with pytest.raises(MPTError, match="unknown option 'colour'.*\n.*valid options: base, lam, m, scope"):
         prune_model(tiny.model, "owl", 0.5, stats={}, colour="red")
     with pytest.raises(MPTError, match="valid options: scope"):
         prune_model(tiny.model, "magnitude", 0.5, scpoe="row")
-    session.config("owl:sparsegpt", 0.5, None, {"lam": 0.1, "m": 4, "percdamp": 0.05, "blocksize": 64})
+    prune_recipe("owl:sparsegpt", 0.5, lam=0.1, m=4, percdamp=0.05, blocksize=64)
 
 
 def test_misspelled_options_of_other_families(tiny):

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from mpt_utils.calibration import capture_block_inputs, collect_stats, decoder_layers
+from mpt_utils.combined.grid import GridSetup
 from mpt_utils.errors import MPTError
 from mpt_utils.prune import get_method, method_options, prune_model
 from mpt_utils.prune.besa import Prodigy
 from mpt_utils.prune.masks import n_pruned
-from mpt_utils.prune.sweep import PruneSession
+from mpt_utils.prune.sweep import compare_modes
+from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 from mpt_utils.testing import tiny_model
 
@@ -113,9 +115,9 @@ def test_prodigy_finds_its_own_step_size():
 
 def test_mode_comparison_skips_block_level_methods(tmp_path):
     lm = tiny_model("llama", layers=1)
-    session = PruneSession("tiny", ResultsStore(tmp_path), calib_data="x", n_calib=2, seqlen=16,
-                           eval_data=["x"], loaded=lm)
-    drift = session.compare_modes(["besa"], [0.5])
+    session = Session("tiny", ResultsStore(tmp_path), loaded=lm)
+    protocol = GridSetup(model="tiny", eval_data="x", calib_data="x", n_calib=2, seqlen=16)
+    drift = compare_modes(session, protocol, ["besa"], [0.5])
     assert drift.empty
 
 

@@ -1,104 +1,129 @@
-"""Sweep runner: points stored as they finish, resumed from the store, dense statistics reused."""
+"""Notebook 02's sweep as recipe points: the recipe list, the rows adapter, the point equal to pruning by
+hand, and the dense-statistics shortcut beside it."""
 
+import copy
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-from mpt_utils.prune.sweep import PruneSession, parse_method, sweep_points, unstructured_findings
+from mpt_utils.combined.grid import GridSetup, point_config
+from mpt_utils.data import calibration_windows
+from mpt_utils.errors import MPTError
+from mpt_utils.prune import prune_model
+from mpt_utils.prune.measure import block_linears
+from mpt_utils.prune.sweep import (
+    compare_modes,
+    dense_shortcut_point,
+    parse_method,
+    point_rows,
+    prune_recipe,
+    prune_recipes,
+    unstructured_findings,
+)
+from mpt_utils.recipe import Recipe
+from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 from mpt_utils.testing import tiny_model
 
 
-def _session(store, mode="dense", loaded=None):
-    return PruneSession("tiny-llama", store, calib_data="embedded-news", n_calib=2, seqlen=64,
-                        eval_data=["embedded-news"], max_eval_windows=2, mode=mode,
-                        loaded=loaded or tiny_model("llama"))
+def _protocol(corpus: str, **changes) -> GridSetup:
+    # calibration windows shorter than the evaluation ones, as notebook 02's embedded profile
+    return GridSetup(model="tiny-llama", eval_data=corpus, calib_data=corpus, n_calib=2, seqlen=64, max_windows=2,
+                     seed=0, device="cpu", calib_seqlen=32, **changes)
 
 
-def test_sweep_points_and_method_labels():
-    assert sweep_points([0.1, 0.5], ["2:4", "4:8"]) == [(0.1, None), (0.5, None), (0.5, "2:4"), (0.5, "4:8")]
-    assert parse_method("owl:sparsegpt") == ("owl", {"base": "sparsegpt"})
-    assert parse_method("wanda") == ("wanda", {})
+def _session(store, loaded=None) -> Session:
+    return Session("tiny-llama", store, device="cpu", loaded=loaded or tiny_model("llama"))
 
 
-def test_sweep_stores_each_point_reuses_stats_and_resumes(tmp_path, monkeypatch):
-    store = ResultsStore(tmp_path / "store")
-    session = _session(store)
-    df = session.sweep(["wanda", "owl:wanda"], [0.3, 0.6], ["2:4"])
-    ppl = df[df.metric == "ppl"]
-    assert len(ppl) == 5  # owl has no 2:4 point
-    assert ppl.value.map(math.isfinite).all()
-    assert ppl.sparsity.round(2).tolist() == [0.3, 0.6, 0.5, 0.3, 0.6]
-    assert df[df.pattern == "2:4"].nm_ok.all()
-    assert len(list((tmp_path / "store" / "points").glob("*.json"))) == 5
-    first_stats = session.stats
-    session.point("wanda", 0.45)
-    assert session.stats is first_stats  # one dense pass served every point
-
-    fresh = _session(store)
-    monkeypatch.setattr(fresh, "_compute", lambda cfg: pytest.fail("a stored point was recomputed"))
-    again = fresh.sweep(["wanda", "owl:wanda"], [0.3, 0.6], ["2:4"])
-    assert again[again.metric == "ppl"].value.tolist() == ppl.value.tolist()
-    assert fresh.session.is_loaded and not fresh.session.built(("stats", "embedded-news", 2, 64, 0))
+def test_the_recipe_list_skips_nm_for_methods_without_it_and_keeps_options():
+    recipes = [str(r) for r in prune_recipes(
+        ["wanda", "owl:wanda", "besa"], [0.3, 0.6], ["2:4"],
+        method_opts={"besa": {"epochs": 3, "d0": 0.001}}, method_sparsities={"besa": [0.6]})]
+    assert recipes == ["wanda@0.3", "wanda@0.6", "wanda@2:4", "owl@0.3[base=wanda]", "owl@0.6[base=wanda]",
+                       "besa@0.6[d0=0.001,epochs=3]"]  # OWL's per-block ratios and BESA's rows break N:M
+    assert parse_method("owl:sparsegpt") == ("owl", {"base": "sparsegpt"}) and parse_method("wanda") == ("wanda", {})
+    assert str(prune_recipe("magnitude", pattern="4:8")) == "magnitude@4:8"
+    with pytest.raises(MPTError, match="did you mean 'percdamp'"):
+        prune_recipes(["sparsegpt"], [0.5], method_opts={"sparsegpt": {"percdmp": 0.1}})
 
 
-def test_sequential_mode_and_dense_restore(tmp_path):
+def test_the_recipe_point_is_prune_model_by_hand_on_the_same_windows(tmp_path, corpus):
     lm = tiny_model("llama")
-    w0 = lm.model.model.layers[0].mlp.down_proj.weight.clone()
-    session = _session(ResultsStore(tmp_path), mode="sequential", loaded=lm)
-    rows = session.point("sparsegpt", 0.5)
-    assert {r["prune_mode"] for r in rows} == {"sequential"}
-    assert (lm.model.model.layers[0].mlp.down_proj.weight == w0).all()  # the model is dense again
-    magnitude = session.point("magnitude", pattern="4:8")
-    assert magnitude[0]["calib_data"] is None and magnitude[0]["nm_ok"]
+    session, protocol = _session(ResultsStore(tmp_path), lm), _protocol(corpus)
+    for label in ("sparsegpt", "owl:wanda"):
+        rows = point_rows(session.point(prune_recipe(label, 0.6), protocol))
+        hand = copy.deepcopy(lm.model)
+        calib = calibration_windows(lm.tokenizer, corpus, 2, 32, 0)
+        name, opts = parse_method(label)
+        report = prune_model(hand, name, 0.6, calib_ids=calib, sequential=True, **opts)
+        model, _ = session.bench(protocol).compressed_model(Recipe.parse(str(prune_recipe(label, 0.6))))
+        assert all(torch.equal(a, b) for a, b in zip(hand.state_dict().values(), model.state_dict().values()))
+        ppl = next(r for r in session.paired(64, 2).rows(hand, [corpus]) if r["metric"] == "ppl")
+        got = rows[rows.metric == "ppl"].iloc[0]
+        assert got.value == ppl["value"] and got.stderr == ppl["stderr"]
+        assert got.sparsity == report.achieved and got.block_targets == report.block_targets
+        assert got.prune_mode == "sequential" and got.method == label and got.ratio == 0.6
+    assert all(torch.equal(p, q) for p, q in zip(lm.model.parameters(), tiny_model("llama").model.parameters()))
 
 
-def test_sequential_is_the_default_and_dense_is_the_labelled_shortcut(tmp_path):
-    session = PruneSession("tiny-llama", ResultsStore(tmp_path), calib_data="embedded-news", n_calib=2, seqlen=64,
-                           eval_data=["embedded-news"], max_eval_windows=2, loaded=tiny_model("llama"))
-    assert session.mode == "sequential"
-    rows = session.point("wanda", 0.5)
-    assert {r["mode"] for r in rows} == {"sequential"} and {r["prune_mode"] for r in rows} == {"sequential"}
-    dense = session.derive(mode="dense").point("wanda", 0.5)
-    assert {r["prune_mode"] for r in dense} == {"dense-stats"}
-    assert len(list(tmp_path.glob("points/*.json"))) == 2  # the two modes are two stored points
-
-
-def test_owl_dense_scores_are_computed_once_per_session(tmp_path, monkeypatch):
+def test_owl_block_scores_are_computed_once_per_protocol(tmp_path, corpus, monkeypatch):
     from mpt_utils.prune import engine
 
     calls = []
     real = engine.allocation_scores
     monkeypatch.setattr(engine, "allocation_scores", lambda *a, **k: calls.append(k) or real(*a, **k))
-    session = _session(ResultsStore(tmp_path), mode="sequential")
-    df = session.sweep(["owl:wanda"], [0.3, 0.6])
+    session = _session(ResultsStore(tmp_path))
+    rows = point_rows(session.sweep(prune_recipes(["owl:wanda"], [0.3, 0.6]), _protocol(corpus)))
     assert len(calls) == 1 and "calib_ids" in calls[0]
-    targets = df[df.metric == "sparsity"].block_targets.tolist()
+    targets = rows[rows.metric == "sparsity"].block_targets.tolist()
     assert targets[0] != targets[1] and all(len(set(t)) > 1 for t in targets)
-    fresh = tiny_model("llama")  # the cached scores give the same allocation as a fresh engine run
-    from mpt_utils.prune import prune_model
-
-    report = prune_model(fresh.model, "owl", 0.6, calib_ids=session.calib_ids, base="wanda")
-    assert report.block_targets == pytest.approx(targets[1])
 
 
-def test_dense_mode_dsnot_and_a_failed_point_leave_the_model_dense(tmp_path, monkeypatch):
+def test_the_rows_carry_the_measured_sparsity_and_resume_without_loading(tmp_path, corpus):
     lm = tiny_model("llama")
+    store, protocol = ResultsStore(tmp_path / "store"), _protocol(corpus)
+    session = _session(store, lm)
+    recipes = prune_recipes(["magnitude", "wanda"], [0.45], ["2:4"])
+    rows = point_rows(session.sweep(recipes, protocol))
+    ppl = rows[rows.metric == "ppl"]
+    assert ppl.method.tolist() == ["magnitude", "magnitude", "wanda", "wanda"]
+    assert ppl.pattern.tolist() == ["unstructured", "2:4"] * 2 and ppl.ratio.tolist() == [0.45, 0.5] * 2
+    assert ppl.value.map(math.isfinite).all() and ppl.stderr.notna().all() and "kl_mean" in set(rows.metric)
+    assert rows[rows.pattern == "2:4"].nm_ok.all() and rows[rows.pattern == "unstructured"].nm_ok.isna().all()
+    # the measured sparsity is the zero share of the decoder linears of the pruned model
+    for recipe in recipes:
+        model, _ = session.bench(protocol).compressed_model(recipe)
+        weights = [lin.weight for block in block_linears(model) for lin in block.values()]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        measured = rows[(rows.recipe == str(recipe)) & (rows.metric == "sparsity")].value.item()
+        assert measured == pytest.approx(zeros, abs=1e-12)
+    assert (rows[rows.metric == "prune_seconds"].value > 0).all()
+
+    fresh = Session("tiny-llama", store, loader=lambda: pytest.fail("a stored point loaded the model"))
+    again = point_rows(fresh.sweep(recipes, protocol))
+    pd.testing.assert_frame_equal(again, rows, check_like=True)  # the store reads columns back sorted
+
+
+def test_the_dense_shortcut_is_its_own_point_and_the_drift_compares_it(tmp_path, corpus):
+    lm = tiny_model("llama", layers=2)
     w0 = {n: p.clone() for n, p in lm.model.named_parameters()}
-    session = _session(ResultsStore(tmp_path), mode="dense", loaded=lm)
-    rows = session.point("dsnot:wanda", 0.6)  # DSnoT gets the windows' length with dense statistics
-    assert rows[0]["prune_mode"] == "dense-stats" and math.isfinite(rows[0]["value"])
-    from mpt_utils.eval.paired import PairedEvaluator
-
-    def broken(*a, **k):
-        raise RuntimeError("evaluation failed")
-
-    monkeypatch.setattr(PairedEvaluator, "rows", broken)
-    with pytest.raises(RuntimeError):
-        session.point("wanda", 0.7)
-    assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())
+    store, protocol = ResultsStore(tmp_path), _protocol(corpus)
+    session = _session(store, lm)
+    dense = dense_shortcut_point(session, protocol, "dsnot:wanda", 0.6)  # DSnoT gets the windows' length
+    assert dense[0]["prune_mode"] == "dense-stats" and dense[0]["mode"] == "dense" and math.isfinite(dense[0]["value"])
+    assert all(torch.equal(p, w0[n]) for n, p in lm.model.named_parameters())  # pruned on a copy
+    drift = compare_modes(session, protocol, ["magnitude", "wanda", "besa"], [0.5, 0.7])
+    assert drift.method.tolist() == ["wanda", "wanda"]  # data-free and block-level methods have no shortcut
+    seq = point_rows(session.point("wanda@0.5", protocol))
+    assert drift.ppl_sequential.iloc[0] == seq[seq.metric == "ppl"].value.item()
+    assert drift.ratio.iloc[0] == pytest.approx(drift.ppl_dense.iloc[0] / drift.ppl_sequential.iloc[0])
+    assert len(list(tmp_path.glob("points/*.json"))) == 5  # 1 + 2 shortcut points + 2 recipe points
+    assert not session.built(("stats", corpus, 2, 32, 0))  # the dense statistics are freed afterwards
+    with pytest.raises(MPTError, match="no dense-statistics shortcut"):
+        dense_shortcut_point(session, protocol, "besa", 0.5)
 
 
 def test_unstructured_findings_from_the_table_and_the_drift():
@@ -112,3 +137,16 @@ def test_unstructured_findings_from_the_table_and_the_drift():
     assert lines[3] == "Magnitude ranks 3 of 3 (last, as in the paper)."
     assert "×0.90 to ×1.05" in lines[4] and "furthest: sparsegpt at 0.7" in lines[4]
     assert unstructured_findings(table[["0.5"]], drift.iloc[0:0]) == []
+
+
+def test_a_wrapper_recipe_is_keyed_by_its_base_method_version(tmp_path, monkeypatch):
+    import dataclasses
+
+    from mpt_utils.registry import METHOD_VERSIONS
+
+    store = ResultsStore(tmp_path)
+    protocol = GridSetup(model="tiny-llama", eval_data="embedded-wiki", calib_data="embedded-wiki")
+    keys = {r: store.key(point_config(protocol, r)) for r in ("owl@0.5[base=wanda]", "owl@0.5[base=sparsegpt]")}
+    monkeypatch.setitem(METHOD_VERSIONS, "wanda", dataclasses.replace(METHOD_VERSIONS["wanda"], version=99))
+    assert store.key(point_config(protocol, "owl@0.5[base=wanda]")) != keys["owl@0.5[base=wanda]"]
+    assert store.key(point_config(protocol, "owl@0.5[base=sparsegpt]")) == keys["owl@0.5[base=sparsegpt]"]

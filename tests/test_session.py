@@ -8,7 +8,6 @@ import pytest
 from mpt_utils.combined.grid import GridSetup, metric, point_config
 from mpt_utils.errors import MPTError
 from mpt_utils.prune.structured.sweep import SweepSettings, structured_sweep
-from mpt_utils.prune.sweep import PruneSession
 from mpt_utils.quant.sweep import Setup, Workbench, quant_point
 from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
@@ -38,8 +37,6 @@ def test_every_family_driver_shares_one_load_one_calibration_and_one_evaluator(c
     monkeypatch.setattr(data, "calibration_windows", lambda *a: drawn.append(a[1:]) or real(*a))
     protocol = dict(calib_data=corpus, n_calib=4, seqlen=32, seed=0)
 
-    prune = PruneSession("tiny-llama", store, eval_data=[corpus], max_eval_windows=2, session=session, **protocol)
-    prune.point("wanda", 0.5)
     bench = Workbench(Setup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol),
                       session=session)
     quant_point(store, bench, "gptq", 4, group_size=32, progress=False)
@@ -51,8 +48,8 @@ def test_every_family_driver_shares_one_load_one_calibration_and_one_evaluator(c
 
     assert calls == [1]  # one load for every driver
     assert drawn == [(corpus, 4, 32, 0)]  # one calibration draw
-    assert session.paired(32, 2) is prune.paired is bench.paired() is session.bench(grid).paired()
-    assert prune.stats is bench.dense_stats()  # one dense statistics pass
+    assert session.paired(32, 2) is session.bench(grid).paired() is bench.paired()
+    assert session.dense_stats(corpus, 4, 32, 0) is bench.dense_stats()  # one dense statistics pass
 
 
 def test_the_recipe_point_is_the_grid_point_and_a_rerun_loads_nothing(counted, corpus):
@@ -76,8 +73,11 @@ def test_the_recipe_point_is_the_grid_point_and_a_rerun_loads_nothing(counted, c
 def test_in_place_drivers_restore_the_dense_weights_and_caches_can_be_dropped(counted, corpus):
     session, store, _ = counted
     before = {n: p.clone() for n, p in session.dense.named_parameters()}
-    PruneSession("tiny-llama", store, calib_data=corpus, n_calib=4, seqlen=32, eval_data=[corpus],
-                 max_eval_windows=2, session=session).point("sparsegpt", 0.6)
+    from mpt_utils.prune.sweep import dense_shortcut_point
+
+    grid = GridSetup(model="tiny-llama", eval_data=corpus, calib_data=corpus, n_calib=4, seqlen=32, max_windows=2)
+    session.point("sparsegpt@0.6", grid)
+    dense_shortcut_point(session, grid, "sparsegpt", 0.6)
     assert all((p == before[n]).all() for n, p in session.dense.named_parameters())
     stats = session.dense_stats(corpus, 4, 32, 0)
     assert session.built(("stats", corpus, 4, 32, 0)) and session.seconds(("stats", corpus, 4, 32, 0)) >= 0

@@ -51,8 +51,10 @@ class GridSetup(Setup):
     `seed`, at most `max_windows` evaluation windows of `seqlen`, the accounting's `dense_dtype_bytes`,
     and for GGUF recipes the `export_dtype` of the file llama.cpp quantizes and its `kv_type`.
     `device`, `stream` (block streaming from CPU) and llama.cpp's thread count do not change the
-    numbers and are not part of the key.
-    A `quant.sweep.Setup` with three more fields, so `Workbench` loads and calibrates for it."""
+    numbers and are not part of the key. `calib_seqlen`: the calibration windows' length when it
+    differs from the evaluation `seqlen` (None: `seqlen`), e.g. notebook 02 calibrates on 256-token
+    windows and scores 512-token ones; it enters the key only when set, so other keys stay as they were.
+    A `quant.sweep.Setup` with more fields, so `Workbench` loads and calibrates for it."""
 
     export_dtype: str = "f16"
     kv_type: str = "f16"
@@ -60,6 +62,7 @@ class GridSetup(Setup):
     # the model rests on CPU and the calibration engine moves one block at a time to `device`
     # (`mpt_utils.calibration.streaming`); the same numbers, so not part of the key
     stream: bool = False
+    calib_seqlen: int | None = None
 
     def __post_init__(self) -> None:
         if self.export_dtype not in ("f16", "f32"):
@@ -74,7 +77,14 @@ class GridSetup(Setup):
             "divergence_k": DIVERGENCE_K, "dense_dtype_bytes": self.dense_dtype_bytes}
         if gguf:
             cfg.update(export=self.export_dtype, kv_type=self.kv_type)
+        if self.calib_seqlen is not None and self.calib_seqlen != self.seqlen:  # None and seqlen: the same windows
+            cfg["calib_seqlen"] = self.calib_seqlen
         return cfg
+
+    @property
+    def calib_len(self) -> int:
+        """The calibration windows' length in tokens."""
+        return int(self.calib_seqlen or self.seqlen)
 
 
 class GridBench(Workbench):
@@ -111,6 +121,16 @@ class GridBench(Workbench):
         self._prefixes: OrderedDict[str, tuple[torch.nn.Module, list[dict[str, Any]]]] = OrderedDict()
         self._dense_sizes: Sizes | None = None
         self._dense_gguf: Sizes | None = None
+
+    # every calibrated step, GGUF importance matrix and rebuilt file reads these: the protocol's
+    # calibration windows are `calib_len` tokens long, which may differ from the evaluation `seqlen`
+    def calib_ids(self) -> torch.Tensor:
+        s = self.setup
+        return self.session.calib_ids(s.calib_data, s.n_calib, s.calib_len, s.seed)
+
+    def dense_stats(self) -> Any:
+        s = self.setup
+        return self.session.dense_stats(s.calib_data, s.n_calib, s.calib_len, s.seed)
 
     def compressed_model(self, torch_part: Recipe, progress: bool = False
                          ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:

@@ -100,8 +100,8 @@ def prune_model(model, method: str, sparsity: float | None = None, calib_ids=Non
     return _prune_model(model, method, sparsity, calib_ids=calib_ids, stats=stats, pattern=pattern, **kwargs)
 
 
-def __getattr__(attr: str):  # lazy access to the sweep runner without importing it up front
-    if attr in ("PruneSession", "sweep_points"):
+def __getattr__(attr: str):  # lazy access to the sweep helpers without importing them up front
+    if attr in ("prune_recipes", "point_rows", "dense_shortcut_point", "compare_modes"):
         from mpt_utils.prune import sweep
 
         return getattr(sweep, attr)

@@ -1,33 +1,39 @@
-"""Sparsity sweeps: many (method, sparsity) points on one model, each point stored as it finishes.
+"""Notebook 02's sparsity sweeps as recipe points, and the dense-statistics shortcut beside them.
 
-Mode "sequential" (the default) is the published protocol of Wanda, SparseGPT, ADMM, RIA, OWL,
-DSnoT and BESA (which has no dense mode): every point runs the layer-by-layer engine, so block i is
-pruned from the outputs of the already pruned blocks 0..i-1. Those inputs change with the method and the ratio, so each point
-recomputes every block's statistics, even for mask-only methods; what a session reuses is what does
-not depend on the point: the tokenized calibration windows and OWL's dense block scores.
-Mode "dense" is a labelled fast shortcut: the dense model's per-layer statistics (`collect_stats`)
-are collected once and every point prunes from them, with each layer's inverse-Hessian factors kept
-in the per-layer `cache`; later blocks are then pruned for inputs they no longer receive (notebook
-02 measures how far that drifts).
+Every point of the sweep is a one-step recipe (`wanda@0.5`, `owl@0.5[base=wanda]`, `sparsegpt@2:4`,
+`besa@0.5[d0=0.001,epochs=3]`) measured by `Session.point/sweep` on a protocol (`GridSetup`), i.e.
+by the one engine (`combined.grid.grid_point` -> `recipe.apply_recipe` -> `prune_model`): sequential,
+layer by layer on the calibration windows, so block i is pruned from the outputs of the already
+pruned blocks 0..i-1 (the published protocol of Wanda, SparseGPT, ADMM, RIA, OWL, DSnoT and BESA).
+`prune_recipes` writes the recipe list from the notebook's parameters and `point_rows` turns the
+stored recipe rows into the rows its tables and figures read (method label, pattern, target and
+measured sparsity, pruning seconds, the paired PPL/KL rows).
+
+The dense-statistics shortcut is not a recipe: `dense_shortcut_point` prunes every block from the
+dense model's per-layer statistics (`collect_stats`, one pass for every point), so later blocks are
+pruned for inputs they no longer receive; it is stored under its own key (`mode: "dense"`), and
+`compare_modes` measures how far it drifts from the recipe points.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import torch
 
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.prune.masks import parse_pattern, pattern_name, resolve_sparsity
+from mpt_utils.recipe import Recipe, Step
 from mpt_utils.session import Session
-from mpt_utils.store import ResultsStore
+
+if TYPE_CHECKING:
+    from mpt_utils.combined.grid import GridSetup
 
 FAMILY = "unstructured"
-MODES = ("dense", "sequential")
 
 
 def parse_method(label: str) -> tuple[str, dict[str, Any]]:
@@ -52,207 +58,174 @@ def method_label(name: str, opts: dict[str, Any]) -> str:
     return name
 
 
-def sweep_points(sparsities: Iterable[float] = (), patterns: Iterable[str] = ()) -> list[tuple[float, str | None]]:
-    """(sparsity, pattern) pairs: the unstructured ratios, then each N:M pattern at N/M."""
-    points: list[tuple[float, str | None]] = [(resolve_sparsity(s, None), None) for s in sparsities]
-    for p in patterns:
-        nm = parse_pattern(p)
-        points.append((resolve_sparsity(None, nm), pattern_name(nm)))
-    return points
+def prune_recipe(label: str, sparsity: float | None = None, pattern: str | None = None, **opts: Any) -> Recipe:
+    """The one-step recipe of method `label` ('owl:wanda' -> owl with base=wanda) at `sparsity` or
+    N:M `pattern`, with the method's `opts`."""
+    name, base = parse_method(label)
+    nm = parse_pattern(pattern)
+    setting = pattern_name(nm) if nm is not None else resolve_sparsity(sparsity, None)
+    return Recipe((Step.of(name, setting, **{**base, **opts}),))
 
 
-class PruneSession:
-    """One model, one calibration set, one evaluation protocol; points are computed on demand and
-    resumed from the store. The model, windows, dense statistics and evaluator come from `session`
-    (`mpt_utils.session.Session`, shared with the notebook's other drivers; one is made when none is
-    given), loaded only when a point is missing from the store. Points prune the session's model in
-    place and put its dense weights back (`Session.restore`)."""
+def prune_recipes(methods: Iterable[str], sparsities: Iterable[float] = (), patterns: Iterable[str] = (), *,
+                  method_opts: Mapping[str, Mapping[str, Any]] | None = None,
+                  method_sparsities: Mapping[str, Iterable[float]] | None = None) -> list[Recipe]:
+    """Every method label at every sparsity, then at each N:M pattern the method supports (registry
+    trait `supports_nm`), with its options from `method_opts`; a label in `method_sparsities` runs
+    only those of `sparsities` (BESA, the costliest method, at the paper's points)."""
+    from mpt_utils.prune import get_method
 
-    def __init__(self, model: str, store: ResultsStore, *, calib_data: str, n_calib: int, seqlen: int,
-                 eval_data: Sequence[str], max_eval_windows: int | None = None, seed: int = 0,
-                 device: str | None = None, mode: str = "sequential", calib_seqlen: int | None = None,
-                 loaded=None, progress: bool = False, session: Session | None = None):
-        if mode not in MODES:
-            raise MPTError(f"unknown sweep mode {mode!r}", f"use one of {MODES}")
-        self.model, self.store, self.calib_data, self.n_calib = model, store, calib_data, int(n_calib)
-        self.seqlen, self.calib_seqlen = int(seqlen), int(calib_seqlen or seqlen)
-        self.eval_data, self.max_eval_windows, self.seed = list(eval_data), max_eval_windows, int(seed)
-        self.device, self.mode, self.progress = device, mode, progress
-        self.session = session or Session(model, store, device=device, loaded=loaded, progress=progress)
-        self._cache: dict[str, dict] = {}
-        self.stats_seconds = math.nan
+    sparsities, patterns = list(sparsities), list(patterns)
+    recipes: list[Recipe] = []
+    for label in methods:
+        opts = dict((method_opts or {}).get(label, {}))
+        keep = (method_sparsities or {}).get(label)
+        points = sparsities if keep is None else [s for s in sparsities if any(math.isclose(s, k) for k in keep)]
+        recipes += [prune_recipe(label, s, **opts) for s in points]
+        if get_method(parse_method(label)[0]).supports_nm:
+            recipes += [prune_recipe(label, pattern=p, **opts) for p in patterns]
+    return recipes
 
-    # -- lazily built, ratio-independent state -------------------------------------------------
-    def derive(self, **changes: Any) -> PruneSession:
-        """A session with other settings (e.g. calib_data, mode) on the same loaded model."""
-        keys = ("calib_data", "n_calib", "seqlen", "eval_data", "max_eval_windows", "seed", "device", "mode",
-                "calib_seqlen", "progress")
-        store = changes.pop("store", self.store)
-        args = {k: getattr(self, k) for k in keys} | changes
-        return PruneSession(self.model, store, session=self.session, **args)
 
-    @property
-    def loaded(self):
-        return self.session.loaded
+def point_rows(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Notebook 02's rows from one-step pruning recipe points (`Session.point/sweep` rows): per point
+    its paired rows (ppl, kl_mean, ... with their `stderr`), a `sparsity` row (measured on the
+    tensors) and a `prune_seconds` row, each carrying `method` (the label, e.g. 'owl:wanda'),
+    `recipe`, `pattern` ('unstructured' or 'N:M'), `ratio` (the target sparsity, N/M for a pattern),
+    `sparsity` (measured zeros / prunable weights), `sparsity_all_params`, `nm_ok`, `prune_mode`,
+    `prune_seconds` and `block_targets`, read from the pruning step's report (its `step_seconds` row)."""
+    from mpt_utils.combined.build import recipe_settings
 
-    def restore(self) -> None:
-        """Put the dense weights back into the model."""
-        self.session.restore()
+    points: dict[Any, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        points.setdefault(row.get("config_hash", row.get("recipe")), []).append(row)
+    out: list[dict[str, Any]] = []
+    for point in points.values():
+        recipe = Recipe.parse(point[0]["recipe"])
+        if len(recipe) != 1 or recipe[0].family != "prune":
+            raise MPTError(f"recipe {recipe} is not one pruning step",
+                           "pass the rows of one-step pruning recipes (prune_recipes)")
+        step = recipe[0]
+        done = [r for r in point if r.get("metric") == "step_seconds" and r.get("step") == str(step)]
+        if len(done) != 1:
+            raise MPTError(f"the rows of {recipe} hold {len(done)} reports of its pruning step",
+                           "pass every row of the point, as Session.point returns them")
+        report = json.loads(done[0]["report"])
+        settings = recipe_settings(recipe)
+        common = {"method": method_label(step.method, step.opts), "family": FAMILY, "recipe": str(recipe),
+                  "pattern": settings["pattern"], "ratio": settings["prune"], "sparsity": report["achieved"],
+                  "sparsity_all_params": report["sparsity_all_params"], "nm_ok": report["nm_ok"],
+                  "prune_mode": report["mode"], "prune_seconds": float(done[0]["value"]),
+                  "block_targets": report["block_targets"]}
+        out += [{**r, **common} for r in point if r.get("data") is not None]  # the evaluator's rows
+        out.append({**_base(point[0]), "metric": "sparsity", "value": report["achieved"], "data": None, **common})
+        out.append({**_base(point[0]), "metric": "prune_seconds", "value": common["prune_seconds"], "data": None,
+                    **common})
+    return pd.DataFrame(out)
 
-    @property
-    def calib_ids(self) -> torch.Tensor:
-        return self.session.calib_ids(self.calib_data, self.n_calib, self.calib_seqlen, self.seed)
 
-    @property
-    def stats(self):
-        stats = self.session.dense_stats(self.calib_data, self.n_calib, self.calib_seqlen, self.seed)
-        self.stats_seconds = self.session.seconds(("stats", self.calib_data, self.n_calib, self.calib_seqlen,
-                                                   self.seed))
-        return stats
+def _base(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("model", "seed", "config_hash") if k in row}
 
-    @property
-    def paired(self):
-        """Perplexity with the paired divergence from the dense model (`mpt_utils.eval.paired`)."""
-        return self.session.paired(self.seqlen, self.max_eval_windows)
 
-    def block_scores(self, name: str, opts: dict[str, Any]) -> list[float] | None:
-        """The dense block scores of an allocating method (OWL), computed once per session: every
-        point and every ratio of a sweep allocates from the same dense model."""
-        from mpt_utils.prune.engine import allocation_scores
+# -- the dense-statistics shortcut ------------------------------------------------------------------
+def shortcut_config(protocol: GridSetup, label: str, sparsity: float, opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The store key of the dense-statistics shortcut of `label` at `sparsity` on `protocol` (the
+    key the sweeps have always given it, so stored shortcut points are found again)."""
+    from mpt_utils.prune import check_method_options, get_method
 
-        def build() -> list[float] | None:
-            self.restore()
-            data = {"stats": self.stats} if self.mode == "dense" else {"calib_ids": self.calib_ids}
-            return allocation_scores(self.loaded.model, name, device=self.device, progress=self.progress,
-                                     **data, **opts)
+    name, base = parse_method(label)
+    opts = {**base, **opts}
+    check_method_options(name, opts)  # a misspelled option fails before any model is loaded
+    spec = get_method(name)
+    if not spec.calibration or spec.block_level:
+        raise MPTError(f"{label} has no dense-statistics shortcut",
+                       "a data-free method prunes the same either way, and a block-level one (BESA) trains on "
+                       "block outputs that dense statistics do not hold: use its recipe point")
+    return {"model": protocol.model, "method": method_label(name, opts), "family": FAMILY,
+            "ratio": resolve_sparsity(sparsity, None), "bits": None, "pattern": "unstructured", "seed": protocol.seed,
+            "calib_data": protocol.calib_data, "n_calib": protocol.n_calib, "calib_seqlen": protocol.calib_len,
+            "mode": "dense", "opts": opts, "eval_data": [protocol.eval_data], "seqlen": protocol.seqlen,
+            "max_eval_windows": protocol.max_windows, "device": protocol.device, "divergence_k": DIVERGENCE_K}
 
-        key = ("block_scores", name, self.mode, self.calib_data, self.n_calib, self.calib_seqlen, self.seed,
-               repr(sorted(opts.items())))
-        return self.session.cached(key, build)
 
-    def close(self) -> None:
-        """Free this protocol's statistics and caches (the model stays loaded, restored to dense)."""
-        self.restore()
-        stats_key = ("stats", self.calib_data, self.n_calib, self.calib_seqlen, self.seed)
-        self.session.forget(stats_key, where=lambda k: isinstance(k, tuple) and k[:1] == ("block_scores",))
-        self._cache = {}
+def _stats_key(protocol: GridSetup) -> tuple:
+    return ("stats", protocol.calib_data, protocol.n_calib, protocol.calib_len, protocol.seed)
 
-    # -- points --------------------------------------------------------------------------------
-    def config(self, method: str, sparsity: float, pattern: str | None, opts: dict[str, Any]) -> dict[str, Any]:
-        from mpt_utils.prune import check_method_options, get_method
 
-        name, base_opts = parse_method(method)
-        opts = {**base_opts, **opts}
-        check_method_options(name, opts)  # a misspelled option fails before any model is loaded
-        data_free = not get_method(name).calibration
-        return {"model": self.model, "method": method_label(name, opts), "family": FAMILY,
-                "ratio": float(sparsity), "bits": None, "pattern": pattern or "unstructured", "seed": self.seed,
-                "calib_data": None if data_free else self.calib_data,
-                "n_calib": None if data_free else self.n_calib,
-                "calib_seqlen": None if data_free else self.calib_seqlen,
-                "mode": "data-free" if data_free else self.mode, "opts": opts,
-                "eval_data": self.eval_data, "seqlen": self.seqlen, "max_eval_windows": self.max_eval_windows,
-                "device": self.device, "divergence_k": DIVERGENCE_K}
+def dense_shortcut_point(session: Session, protocol: GridSetup, label: str, sparsity: float,
+                         **opts: Any) -> list[dict[str, Any]]:
+    """A labelled shortcut, not the published protocol: `label` at `sparsity` pruned on a copy of
+    the dense model from the dense model's per-layer statistics on `protocol`'s calibration windows
+    (gathered once per session), each layer's ratio-independent factors (inverse Hessians) kept
+    across the method's points; scored like a recipe point (paired PPL/KL rows, plus `sparsity` and
+    `prune_seconds` rows, `prune_mode` "dense-stats"). Stored under `shortcut_config`."""
+    from mpt_utils.prune import prune_model
 
-    def point(self, method: str, sparsity: float | None = None, pattern: str | None = None,
-              **opts: Any) -> list[dict[str, Any]]:
-        """Rows of one point (PPL per eval set, achieved sparsity, timings), computed if not stored."""
-        nm = parse_pattern(pattern)
-        target = resolve_sparsity(sparsity, nm)
-        pattern = None if nm is None else pattern_name(nm)
-        cfg = self.config(method, target, pattern, opts)
-        return self.store.get_or_compute(cfg, lambda: self._compute(cfg))
+    cfg = shortcut_config(protocol, label, sparsity, opts)
+    name, _ = parse_method(label)
 
-    def _compute(self, cfg: dict[str, Any]) -> list[dict[str, Any]]:
-        from mpt_utils.prune import get_method, prune_model
-
-        name, _ = parse_method(cfg["method"])
-        spec = get_method(name)
-        self.session.snapshot()
-        self.restore()
-        self.paired.prepare(self.loaded.model, self.eval_data, self.progress)  # the model is dense here
-        kwargs: dict[str, Any] = dict(cfg["opts"])
-        if spec.calibration and self.mode == "dense":
-            kwargs.update(stats=self.stats, cache=self._cache, calib_seqlen=self.calib_seqlen)
-        elif spec.calibration:
-            kwargs.update(calib_ids=self.calib_ids, sequential=True, device=self.device)
-        if spec.allocate is not None:
-            kwargs["block_scores"] = self.block_scores(name, cfg["opts"])
-        pattern = None if cfg["pattern"] == "unstructured" else cfg["pattern"]
-        try:
-            report = prune_model(self.loaded.model, name, None if pattern else cfg["ratio"], pattern=pattern,
-                                 progress=self.progress, **kwargs)
-            if pattern is not None and not report.nm_ok:
-                raise MPTError(f"{cfg['method']} broke the {pattern} pattern", "this is a bug: please report it")
-            ppl = self.paired.rows(self.loaded.model, self.eval_data, self.progress)
-        finally:
-            self.restore()
-        common = {"pattern": cfg["pattern"], "calib_data": cfg["calib_data"], "mode": cfg["mode"],
+    def compute() -> list[dict[str, Any]]:
+        s = protocol
+        paired = session.paired(s.seqlen, s.max_windows)
+        paired.prepare(session.dense, [s.eval_data], session.progress)  # the session's model stays dense
+        stats = session.dense_stats(s.calib_data, s.n_calib, s.calib_len, s.seed)
+        factors = session.cached(("dense_shortcut", *_stats_key(s)[1:], cfg["method"], repr(sorted(cfg["opts"].items()))),
+                                 dict)
+        model = session.fresh_model()
+        report = prune_model(model, name, cfg["ratio"], stats=stats, cache=factors, calib_seqlen=s.calib_len,
+                             progress=session.progress, **cfg["opts"])
+        scored = paired.rows(model, [s.eval_data], session.progress)
+        del model
+        common = {"pattern": cfg["pattern"], "calib_data": s.calib_data, "mode": "dense",
                   "sparsity": report.achieved, "sparsity_all_params": report.sparsity_all_params,
                   "nm_ok": report.nm_ok, "prune_mode": report.mode, "prune_seconds": report.seconds,
-                  "stats_seconds": self.stats_seconds if report.mode == "dense-stats" else None,
-                  "block_targets": report.block_targets}
-        rows = [{**r, **common} for r in ppl]
-        rows.append({"metric": "sparsity", "value": report.achieved, "data": None, **common})
-        rows.append({"metric": "prune_seconds", "value": report.seconds, "data": None, **common})
-        return rows
+                  "stats_seconds": session.seconds(_stats_key(s)), "block_targets": report.block_targets}
+        return [*({**r, **common} for r in scored),
+                {"metric": "sparsity", "value": report.achieved, "data": None, **common},
+                {"metric": "prune_seconds", "value": report.seconds, "data": None, **common}]
 
-    def sweep(self, methods: Iterable[str], sparsities: Iterable[float] = (), patterns: Iterable[str] = (),
-              skip_unsupported: bool = True, **opts: Any) -> pd.DataFrame:
-        """Every method at every point; N:M points of methods without N:M support are skipped."""
-        from mpt_utils.prune import get_method
+    if session.store is None:
+        raise MPTError("this session has no results store", "pass Session(model, store='results/...')")
+    return session.store.get_or_compute(cfg, compute)
 
-        points = sweep_points(sparsities, patterns)
-        rows: list[dict[str, Any]] = []
+
+def compare_modes(session: Session, protocol: GridSetup, methods: Iterable[str], sparsities: Iterable[float],
+                  method_opts: Mapping[str, Mapping[str, Any]] | None = None) -> pd.DataFrame:
+    """How far the dense-statistics shortcut drifts from the recipe points (sequential pruning): one
+    row per (calibrated method, sparsity) with the PPL on `protocol`'s evaluation corpus both ways,
+    their ratio (dense / sequential) and each one's pruning seconds. Stored points (the notebook's
+    sweep) are reused; data-free methods (the same point both ways) and block-level ones (BESA trains
+    on block outputs, which dense statistics do not hold) are skipped. The dense statistics and the
+    shortcut's factors are freed afterwards."""
+    from mpt_utils.prune import get_method
+
+    rows: list[dict[str, Any]] = []
+    try:
         for method in methods:
-            supports_nm = get_method(parse_method(method)[0]).supports_nm
-            for s, p in points:
-                if p is not None and not supports_nm and skip_unsupported:
-                    continue
-                rows.extend(self.point(method, s if p is None else None, p, **opts))
-            self._cache = {}  # a method's factors are reused across its points, then freed
-        return pd.DataFrame(rows)
-
-    def compare_modes(self, methods: Iterable[str], sparsities: Iterable[float],
-                      method_opts: Mapping[str, dict[str, Any]] | None = None) -> pd.DataFrame:
-        """How far the dense-statistics shortcut drifts from sequential pruning: one row per
-        (calibrated method, sparsity) with the PPL on the first eval set in both modes, their ratio
-        (dense / sequential) and each mode's pruning seconds. Stored points (e.g. this session's
-        sweep) are reused; data-free methods are skipped (the same point in both modes), and so are
-        block-level ones (BESA trains on block outputs, which dense statistics do not hold)."""
-        from mpt_utils.prune import get_method
-
-        sessions = {m: self if m == self.mode else self.derive(mode=m) for m in MODES}
-        rows: list[dict[str, Any]] = []
-        try:
-            for method in methods:
-                spec = get_method(parse_method(method)[0])
-                if not spec.calibration or spec.block_level:
-                    continue
-                opts = dict((method_opts or {}).get(method, {}))
-                for s in sparsities:
-                    row: dict[str, Any] = {"method": method, "sparsity": float(s)}
-                    for mode, session in sessions.items():
-                        ppl = next(r for r in session.point(method, s, **opts)
-                                   if r["metric"] == "ppl" and r["data"] == self.eval_data[0])
-                        row[f"ppl_{mode}"] = ppl["value"]
-                        row[f"prune_seconds_{mode}"] = ppl["prune_seconds"]
-                    row["ratio"] = row["ppl_dense"] / row["ppl_sequential"]
-                    rows.append(row)
-                for session in sessions.values():
-                    session._cache = {}
-        finally:
-            for session in sessions.values():
-                if session is not self:
-                    session.close()
-        return pd.DataFrame(rows, columns=["method", "sparsity", "ppl_sequential", "ppl_dense", "ratio",
-                                           "prune_seconds_sequential", "prune_seconds_dense"])
+            spec = get_method(parse_method(method)[0])
+            if not spec.calibration or spec.block_level:
+                continue
+            opts = dict((method_opts or {}).get(method, {}))
+            for s in sparsities:
+                seq = point_rows(session.point(prune_recipe(method, s, **opts), protocol))
+                seq = seq[(seq.metric == "ppl") & (seq.data == protocol.eval_data)].iloc[0]
+                dense = next(r for r in dense_shortcut_point(session, protocol, method, s, **opts)
+                             if r["metric"] == "ppl" and r["data"] == protocol.eval_data)
+                rows.append({"method": method, "sparsity": float(s), "ppl_sequential": float(seq["value"]),
+                             "ppl_dense": float(dense["value"]), "ratio": dense["value"] / seq["value"],
+                             "prune_seconds_sequential": float(seq["prune_seconds"]),
+                             "prune_seconds_dense": float(dense["prune_seconds"])})
+    finally:
+        session.forget(_stats_key(protocol), where=lambda k: isinstance(k, tuple) and k[:1] == ("dense_shortcut",))
+    return pd.DataFrame(rows, columns=["method", "sparsity", "ppl_sequential", "ppl_dense", "ratio",
+                                       "prune_seconds_sequential", "prune_seconds_dense"])
 
 
 def unstructured_findings(table: pd.DataFrame, drift: pd.DataFrame, patterns: Iterable[str] = ()) -> list[str]:
     """Sentences for notebook 02's conclusion, computed from its Table 2 analogue (`table`: PPL, one row
     per method label, one column per sparsity as "0.5" plus the N:M `patterns`) and the dense-shortcut
-    drift (`PruneSession.compare_modes`): the jump across the paper's transition (PPL at 0.7 over 0.5),
+    drift (`compare_modes`): the jump across the paper's transition (PPL at 0.7 over 0.5),
     the ranking at high sparsity (methods that update the kept weights against mask-only ones, where
     magnitude ranks) and how far the dense-statistics shortcut moves PPL from sequential pruning."""
     from mpt_utils.prune import get_method  # the registry imports each method on demand
