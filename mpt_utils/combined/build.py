@@ -4,10 +4,11 @@
 curves=rows, out_dir=...)` is the whole user path:
 
 1. `curves_from_rows` reads the model's single-method curves (PPL ± SE and KL ± SE against the ratio)
-   from tidy results-store rows: the points of notebooks 02 (unstructured pruning, family
-   "unstructured"), 03 (quantization, family "quant": GGUF schemes or torch quantizers on the bit
-   axis) and 05 (low rank, family "lowrank"), or single-step grid points (`grid_point` of e.g.
-   "wanda@0.3", "gguf:Q4_K_M", "asvd@0.1", family "combined"). Per dimension one method (the first
+   from tidy results-store rows: the single-step recipe points of notebooks 02 (unstructured
+   pruning, e.g. "wanda@0.5") and 05 (low rank, e.g. "asvd@0.1"), the points of notebook 03
+   (quantization, family "quant": GGUF schemes or torch quantizers on the bit axis), or any other
+   single-step grid point (`grid_point` of e.g. "wanda@0.3", "gguf:Q4_K_M", family
+   "combined"). Per dimension one method (the first
    of PREFERENCE that has a curve, or the caller's `methods`), one protocol (the largest group of
    points sharing seqlen, windows, calibration and mode), one point per ratio, the dense point of the
    same protocol as its ratio-0 anchor;
@@ -76,7 +77,7 @@ PREFERENCE = {"prune": ("admm", "sparsegpt", "wanda", "ria", "magnitude"),
               "lowrank": ("asvd", "svd_llm", "svd")}
 RECIPE_FAMILIES = {"prune": ("prune",), "quant": ("quant", "gguf"), "lowrank": ("lowrank",)}
 # columns that tell two protocols (or two variants of one method) apart
-VARIANT_COLUMNS = ("seqlen", "n_windows", "calib_data", "n_calib", "mode", "group_size")
+VARIANT_COLUMNS = ("seqlen", "n_windows", "calib_data", "n_calib", "calib_seqlen", "mode", "group_size")
 EXCLUDED = {"smoothquant"}  # W8A8: its curve is activation quantization, not the weight bits a plan sets
 EQ5_POINTS = 7  # what eq. 5 needs to claim a PTP
 MIN_POINTS = 3  # distinct ratios, dense anchor included (eq. 5 needs 7 to find a PTP)
@@ -422,19 +423,22 @@ def _torch_twin(recipe: str) -> str | None:
 def ensure_curves(store: ResultsStore, bench: GridBench, recipes: Sequence[str], *,
                   methods: Mapping[str, str] | None = None, dimensions: Sequence[str] | None = None,
                   progress: bool = False) -> tuple[dict[str, Curve], pd.DataFrame, list[str]]:
-    """The model's single-method curves and the rows they come from, reproducibly: the rows of the
-    single-method notebooks (families "dense", "unstructured", "quant", "lowrank"), and when a wanted
+    """The model's single-method curves and the rows they come from: the rows of the single-method
+    notebooks (single-step recipe points, family "combined", of notebooks 02 and 05; the legacy
+    families "dense", "unstructured", "quant", "lowrank"), and when a wanted
     dimension (`dimensions`, default: any) has no curve there, also the dense point and the single-step
     `recipes` (e.g. "wanda@0.3", "gguf:Q4_K_M") through `grid_point` on `bench`'s protocol. Without
     llama.cpp, or for an architecture the GGUF export does not support, a GGUF step becomes RTN at the
     scheme's nominal bits (`rtn:4bit` for Q4_K_M; F16 and widths outside 2..8 bits are left out), so
-    the quant curve is a torch one. Grid points a build adds to the store later never change these
-    rows, so planning on them twice plans the same. Returns (curves, rows, recipes measured or read)."""
+    the quant curve is a torch one. A build's own planned point joins these rows only when it is a
+    single step on a curve's protocol (one more measured point of that curve). Returns (curves, rows,
+    recipes measured or read)."""
     from mpt_utils.native import has_llama_cpp
 
     s = bench.setup
     every = store.frame()
-    rows = every[every["family"].isin(["dense", *STORE_FAMILIES])] if "family" in every else every
+    # notebooks 02 and 05 store recipe points (family "combined"); curves_from_rows keeps single steps
+    rows = every[every["family"].isin(["dense", "combined", *STORE_FAMILIES])] if "family" in every else every
     found, _ = curves_from_rows(rows, s.model, s.eval_data, calib_data=s.calib_data, methods=methods)
     want = list(dimensions) if dimensions else []
     if (want and all(d in found for d in want)) or (not want and found):
