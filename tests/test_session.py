@@ -10,7 +10,7 @@ from mpt_utils.errors import MPTError
 from mpt_utils.lowrank.sweep import LowRankSweep, SweepSpec
 from mpt_utils.prune.structured.sweep import SweepSettings, structured_sweep
 from mpt_utils.prune.sweep import PruneSession
-from mpt_utils.quant.sweep import Setup, Workbench, quant_point
+from mpt_utils.quant.sweep import Setup, Workbench
 from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 from mpt_utils.testing import tiny_model
@@ -44,12 +44,11 @@ def test_every_family_driver_shares_one_load_one_calibration_and_one_evaluator(c
     lowrank = LowRankSweep("tiny-llama", store, eval_data=corpus, max_eval_windows=2, session=session, **protocol)
     lowrank.run([SweepSpec("svd_llm", [0.2], {"update": "none"})])
     bench = Workbench(Setup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol),
-                      session=session)
-    quant_point(store, bench, "gptq", 4, group_size=32, progress=False)
+                      session=session)  # the GGUF ladder's bench
     settings = SweepSettings(model="tiny-llama", eval_data=corpus, max_eval_windows=2, **protocol)
     structured_sweep(session, store, settings, ["shortgpt"], [0.25], log=None)
     grid = GridSetup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol)
-    session.point("wanda@0.5 > rtn:4bit", grid)
+    session.sweep(["gptq:4bit/g32", "wanda@0.5 > rtn:4bit"], grid)  # quantization points are recipes
 
     assert calls == [1]  # one load for five drivers
     assert drawn == [(corpus, 4, 32, 0)]  # one calibration draw
