@@ -195,26 +195,45 @@ def test_llm_int8_user_errors():
         quantize(model, "llm_int8", bits=8, treshold=5.0)
 
 
-def test_sweep_runs_fixed_formats_once_at_their_own_width(tmp_path):
+def test_fixed_formats_run_once_at_their_own_width_as_recipes(tmp_path):
+    from mpt_utils.combined.grid import GridSetup
     from mpt_utils.quant import report
-    from mpt_utils.quant.sweep import Setup, Workbench, sweep
-    from mpt_utils.store import ResultsStore
+    from mpt_utils.quant.sweep import quant_recipes, quant_rows
+    from mpt_utils.session import Session
 
-    setup = Setup(model="tiny-llama", eval_data="embedded-wiki", calib_data="embedded-wiki", seqlen=32, n_calib=2,
-                  max_windows=2)
+    protocol = GridSetup(model="tiny-llama", eval_data="embedded-wiki", calib_data="embedded-wiki", seqlen=32,
+                         n_calib=2, max_windows=2)
     loaded = tiny_model("llama")
-    bench = Workbench(setup, loader=lambda: loaded)
-    store = ResultsStore(tmp_path)
-    rows = sweep(store, bench, ["rtn"], [4, 8], smoothquant_alpha=None, fixed_width=["nf4", "llm_int8"],
-                 progress=False)
+    session = Session("tiny-llama", tmp_path, loader=lambda: loaded)
+    recipes = quant_recipes(["rtn"], [4, 8], smoothquant_alpha=None, fixed_width=["nf4", "llm_int8"])
+    assert recipes == ["rtn:4bit", "rtn:8bit", "nf4:4bit", "llm_int8:8bit"]  # each format at its own width
+    rows = quant_rows(session.dense_point(protocol) + session.sweep(recipes, protocol))
     ppl = rows[rows.metric == "ppl"].set_index("method")
-    assert ppl.loc["nf4", "bits"] == 4 and ppl.loc["llm_int8", "bits"] == 8
+    assert ppl.loc["nf4", "bits"] == 4 and ppl.loc["llm_int8", "bits"] == 8 and ppl.loc["dense", "bits"] == 16
     assert ppl.loc["nf4", "scheme"] == "NF4 g64" and ppl.loc["llm_int8", "scheme"] == "LLM.int8()"
+    assert ppl.loc["rtn", "scheme"].tolist() == ["RTN w4 g128 asym", "RTN w8 g128 asym"]
     t4 = report.table4(rows, bits=(4, 8))
     assert list(t4.index) == ["RTN", "NF4", "LLM.int8()"]
     assert pd.isna(t4.loc["NF4", "8 bits"]) and pd.isna(t4.loc["LLM.int8()", "4 bits"])
+    table = report.per_point_table(rows)
+    assert 4.12 < table.loc[("nf4", 4), "bits_per_weight"] < 4.2  # absmax constants (partial blocks of tiny rows)
+    assert table.loc[("dense", 16), "compression"] == 0.0 and table.loc[("nf4", 4), "compression"] > 0
     with pytest.raises(MPTError, match="not a fixed-width quantizer"):
-        sweep(store, bench, [], [], smoothquant_alpha=None, fixed_width=["rtn"], progress=False)
+        quant_recipes([], [], smoothquant_alpha=None, fixed_width=["rtn"])
+    with pytest.raises(MPTError, match="single torch quantization point"):
+        quant_rows(session.point("wanda@0.5 > rtn:4bit", protocol))
+
+
+def test_quant_recipes_write_only_what_differs_from_the_method_defaults():
+    from mpt_utils.quant.sweep import quant_recipes
+
+    assert quant_recipes(["gptq", "awq"], [3], options={"awq": {"n_grid": 10, "objective": "module"}}) == [
+        "gptq:3bit", "awq:3bit[n_grid=10]", "smoothquant:8bit"]
+    assert quant_recipes(["rtn"], [4, 4], group_size=None, sym=True, extra_bits={"rtn": [4, 5]},
+                         smoothquant_alpha=0.5) == ["rtn:4bit/g0[sym=true]", "rtn:5bit/g0[sym=true]",
+                                                    "smoothquant:8bit[alpha=0.5]"]
+    assert quant_recipes(["rtn"], [2], group_size=64, smoothquant_alpha=None, fixed_width=["fp4"]) == [
+        "rtn:2bit/g64", "fp4:4bit"]
 
 
 def test_save_refuses_llm_int8_activations_unless_asked(tmp_path):

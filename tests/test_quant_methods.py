@@ -190,9 +190,10 @@ def test_awq_with_shared_dense_stats_is_identical():
         quantize(b, "awq", bits=3, calib_ids=calib, stats=collect_stats(b, calib, progress=False), progress=False)
 
 
-def test_sweep_points_resume_without_loading_the_model(tmp_path):
-    from mpt_utils.quant.sweep import Setup, Workbench, quant_point
-    from mpt_utils.store import ResultsStore
+def test_recipe_points_resume_without_loading_the_model(tmp_path):
+    from mpt_utils.combined.grid import GridSetup
+    from mpt_utils.quant.sweep import quant_rows
+    from mpt_utils.session import Session
 
     loads = []
 
@@ -200,14 +201,48 @@ def test_sweep_points_resume_without_loading_the_model(tmp_path):
         loads.append(1)
         return tiny_model("llama")
 
-    store = ResultsStore(tmp_path)
-    setup = Setup("tiny-llama", "embedded-wiki", "embedded-wiki", seqlen=32, n_calib=2, max_windows=2)
-    first = quant_point(store, Workbench(setup, loader), "gptq", 4, group_size=32, progress=False)
-    again = quant_point(store, Workbench(setup, loader), "gptq", 4, group_size=32, progress=False)
+    protocol = GridSetup("tiny-llama", "embedded-wiki", "embedded-wiki", seqlen=32, n_calib=2, max_windows=2)
+    first = Session("tiny-llama", tmp_path, loader=loader).point("gptq:4bit/g32", protocol)
+    again = Session("tiny-llama", tmp_path, loader=loader).point("gptq:4bit/g32", protocol)
     assert loads == [1] and first == again
-    metrics = {r["metric"]: r for r in first}
-    assert metrics["ppl"]["family"] == "quant" and metrics["ppl"]["bits"] == 4
-    assert metrics["bits_per_weight"]["value"] == pytest.approx(4 + 20 / 32)
+    rows = quant_rows(first)
+    metrics = rows.set_index("metric")
+    assert metrics.loc["ppl", "method"] == "gptq" and metrics.loc["ppl", "bits"] == 4
+    assert metrics.loc["ppl", "scheme"] == "GPTQ w4 g32 asym"
+    assert metrics.loc["bits_per_weight", "value"] == pytest.approx(4 + 20 / 32)  # 4-bit codes, fp16 scale, 4-bit zero
+    assert metrics.loc["gptq_obs_loss", "value"] > 0
+
+
+def test_a_recipe_point_is_quantizing_a_copy_by_hand(tmp_path):
+    """The recipe engine adds nothing to the quantizer: same weights as `quantize` on a copy, same PPL
+    as scoring that copy, and the bits per weight of the storage accounting."""
+    from mpt_utils.combined.grid import GridSetup, metric
+    from mpt_utils.data import calibration_windows
+    from mpt_utils.eval.paired import PairedEvaluator
+    from mpt_utils.quant.size import storage
+    from mpt_utils.quant.sweep import quant_rows
+    from mpt_utils.recipe import Recipe
+    from mpt_utils.session import Session
+
+    loaded = tiny_model("llama")
+    calib = calibration_windows(loaded.tokenizer, "embedded-wiki", 2, 32, 0)
+    paired = PairedEvaluator("tiny-llama", loaded.tokenizer, 32, 2, device="cpu")
+    paired.prepare(loaded.model, ["embedded-wiki"])
+    protocol = GridSetup("tiny-llama", "embedded-wiki", "embedded-wiki", seqlen=32, n_calib=2, max_windows=2,
+                         device="cpu")
+    session = Session("tiny-llama", tmp_path / "store", device="cpu", loader=lambda: loaded)
+    for recipe, method, bits, kwargs in (("gptq:3bit/g32", "gptq", 3, {"group_size": 32}),
+                                         ("rtn:4bit/g0[sym=true]", "rtn", 4, {"group_size": None, "sym": True}),
+                                         ("nf4:4bit", "nf4", 4, {})):
+        rows = session.point(recipe, protocol)
+        by_hand = copy.deepcopy(loaded.model)
+        result = quantize(by_hand, method, bits=bits, calib_ids=calib, device="cpu", progress=False, **kwargs)
+        model, _ = session.bench(protocol).compressed_model(Recipe.parse(recipe))  # the point's own model
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), by_hand.state_dict().values()))
+        hand_ppl = paired.rows(by_hand, ["embedded-wiki"])[0]["value"]
+        assert metric(rows, "ppl")["value"] == pytest.approx(hand_ppl, rel=1e-6)
+        bpw = quant_rows(rows).set_index("metric").loc["bits_per_weight", "value"]
+        assert bpw == storage(by_hand, result.layers).bits_per_weight
 
 
 # -- reference fidelity: AWQ (llm-awq), GPTQ (IST-DASLab/gptq), SmoothQuant (mit-han-lab/smoothquant) ---------

@@ -8,7 +8,7 @@ import pytest
 from mpt_utils.combined.grid import GridSetup, metric, point_config
 from mpt_utils.errors import MPTError
 from mpt_utils.prune.structured.sweep import SweepSettings, structured_sweep
-from mpt_utils.quant.sweep import Setup, Workbench, quant_point
+from mpt_utils.quant.sweep import Setup, Workbench
 from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 from mpt_utils.testing import tiny_model
@@ -38,13 +38,12 @@ def test_every_family_driver_shares_one_load_one_calibration_and_one_evaluator(c
     protocol = dict(calib_data=corpus, n_calib=4, seqlen=32, seed=0)
 
     bench = Workbench(Setup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol),
-                      session=session)
-    quant_point(store, bench, "gptq", 4, group_size=32, progress=False)
+                      session=session)  # the GGUF ladder's bench
     settings = SweepSettings(model="tiny-llama", eval_data=corpus, max_eval_windows=2, **protocol)
     structured_sweep(session, store, settings, ["shortgpt"], [0.25], log=None)
     grid = GridSetup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol)
-    session.point("wanda@0.5 > rtn:4bit", grid)
-    session.point("svd_llm@0.2[update=none]", grid)  # a low-rank point is a recipe point too
+    # pruning, quantization and low rank are recipe points
+    session.sweep(["wanda@0.5", "gptq:4bit/g32", "wanda@0.5 > rtn:4bit", "svd_llm@0.2[update=none]"], grid)
 
     assert calls == [1]  # one load for every driver
     assert drawn == [(corpus, 4, 32, 0)]  # one calibration draw

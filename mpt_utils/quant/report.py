@@ -1,5 +1,6 @@
-"""Tables and curves of notebook 03 from stored rows: Table 4, the GGUF ladder (Tables 5/6), the
-bit-axis curves for eq. 5 and the published Qwen2.5 / LLaMA-2 / Gemma-3 ladders to overlay."""
+"""Tables and curves of notebook 03 from stored rows: Table 4, the per-point table, the GGUF ladder
+(Tables 5/6), the bit-axis curves for eq. 5 and the published Qwen2.5 / LLaMA-2 / Gemma-3 ladders to
+overlay. The torch points' rows are those of `quant.sweep.quant_rows` (recipe points as method / bits)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,19 @@ def table4(torch_rows: pd.DataFrame, gguf_rows: pd.DataFrame | None = None,
     table = table.loc[order].rename(index=display_names(names=order))
     table.columns = [f"{int(b)} bits" for b in table.columns]
     return table
+
+
+POINT_METRICS = ("bits_per_weight", "size_gb", "compression", "quant_seconds")
+
+
+def per_point_table(torch_rows: pd.DataFrame) -> pd.DataFrame:
+    """One line per (method, bits) point: PPL ± SE | KL ± SE | same-top-1 % (`curves.metric_table`),
+    then bits per weight, size in GB, compression against FP16 and the quantizer's wall time."""
+    from mpt_utils.curves import metric_table
+
+    found = torch_rows[torch_rows["metric"].isin(POINT_METRICS)]
+    sizes = found.pivot_table(index=["method", "bits"], columns="metric", values="value", aggfunc="first")
+    return metric_table(torch_rows, ["method", "bits"]).join(sizes[[m for m in POINT_METRICS if m in sizes]])
 
 
 def ladder_table(gguf_rows: pd.DataFrame) -> pd.DataFrame:

@@ -1,23 +1,29 @@
-"""Quantization sweeps into the results store: one resumable point per (method, bits, options).
+"""Notebook 03's torch quantization points as recipes, and their rows as the notebook's tables read them.
 
-The dense model is loaded at most once, and only when some point is not yet stored; every point
-quantizes a fresh copy of it, measures perplexity with the torch evaluator on the protocol's
-windows and the storage its format would take. Rows are tidy (metric, value) with the config's
-model / method / family="quant" / bits / seed, and `ratio` = compression against FP16.
+Every point is a recipe (`mpt_utils.recipe`, e.g. `rtn:4bit`, `gptq:3bit/g64`, `rtn:4bit[sym=true]`,
+`smoothquant:8bit`, `nf4:4bit`) measured by `Session.point/sweep` on a `combined.grid.GridSetup`
+protocol: one engine, one store key (canonical recipe, protocol, each step's algorithm version).
+`quant_recipes` writes the notebook's list, `quant_rows` turns the recipe points' rows into one
+`method` / `bits` / `scheme` point each, with the quantization metrics its tables read.
+
+`Setup` (the protocol's fields, family "quant" keys) and `Workbench` (a protocol on a `Session`)
+remain as the bases of `GridSetup` / `GridBench` and the GGUF ladder's bench.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import torch
 
 from mpt_utils.eval.divergence import DEFAULT_K as DIVERGENCE_K
 from mpt_utils.session import Session
-from mpt_utils.store import ResultsStore
 
 FAMILY = "quant"
 
@@ -79,28 +85,6 @@ class Workbench:
         return self.session.fresh_model()
 
 
-def _ppl_rows(model: torch.nn.Module, bench: Workbench, store: ResultsStore, progress: bool) -> list[dict]:
-    """Perplexity (with its standard error) and the paired divergence from the dense model."""
-    paired = bench.paired(store.root)
-    paired.prepare(bench.loaded.model, [bench.setup.eval_data], progress)
-    return paired.rows(model, [bench.setup.eval_data], progress)
-
-
-def dense_point(store: ResultsStore, bench: Workbench, progress: bool = True) -> list[dict]:
-    """The 16-bit reference of every quantization curve: dense PPL and the FP16 size."""
-    cfg = {**bench.setup.config(), "method": "dense", "bits": 16}
-
-    def compute():
-        model = bench.loaded.model
-        n_params = sum(p.numel() for p in model.parameters())
-        ppl = _ppl_rows(model, bench, store, progress)
-        extra = {"scheme": "FP16 (dense)", "ratio": 0.0}
-        return [*({**r, **extra} for r in ppl), {"metric": "size_gb", "value": n_params * 2 / 1e9, **extra},
-                {"metric": "bits_per_weight", "value": 16.0, **extra}]
-
-    return store.get_or_compute(cfg, compute)
-
-
 def scheme_label(method: str, bits: int, group_size: int | None, sym: bool) -> str:
     from mpt_utils.catalogue import method_info
 
@@ -113,85 +97,121 @@ def scheme_label(method: str, bits: int, group_size: int | None, sym: bool) -> s
     return f"{method.upper()} w{bits} {g} {'sym' if sym else 'asym'}"
 
 
-def quant_point(store: ResultsStore, bench: Workbench, method: str, bits: int, *, group_size: int | None = 128,
-                sym: bool = False, options: dict | None = None, progress: bool = True) -> list[dict]:
-    """Quantize a copy of the dense model with `method`, evaluate, store and return the rows."""
-    from mpt_utils.quant import QUANTIZERS, quantize
-    from mpt_utils.quant.size import storage
-
-    options = dict(options or {})
-    QUANTIZERS.check_options(method, options)  # a misspelled option fails before any model is loaded
-    cfg = {**bench.setup.config(), "method": method, "bits": bits, "group_size": group_size, "sym": sym,
-           "options": options}
-
-    def compute():
-        model = bench.fresh_model()
-        calib = bench.calib_ids() if QUANTIZERS.info(method).calibration else None
-        # only AWQ's per-linear objective can reuse dense statistics; its default re-runs the blocks
-        shared = {"stats": bench.dense_stats()} if method == "awq" and options.get("objective") == "linear" else {}
-        result = quantize(model, method, bits=bits, group_size=group_size, sym=sym, calib_ids=calib,
-                          device=bench.setup.device, progress=progress, **options, **shared)
-        size = storage(model, result.layers)
-        ppl = _ppl_rows(model, bench, store, progress)
-        del model
-        extra = {"scheme": scheme_label(method, bits, group_size, sym), "ratio": size.ratio,
-                 "group_size": group_size, "act_bits": result.act_bits}
-        rows = [{**r, **extra} for r in ppl]
-        for metric in ("size_gb", "bits_per_weight", "bits_per_param"):
-            rows.append({"metric": metric, "value": getattr(size, metric), **extra})
-        rows.append({"metric": "quant_seconds", "value": result.seconds, **extra})
-        if "obs_loss" in result.extra:
-            rows.append({"metric": "gptq_obs_loss", "value": result.extra["obs_loss"], **extra})
-        if "mean_ratio" in result.extra:
-            rows.append({"metric": "awq_mean_ratio", "value": result.extra["mean_ratio"], **extra})
-        return rows
-
-    return store.get_or_compute(cfg, compute)
 
 
-def fixed_width_point(store: ResultsStore, bench: Workbench, method: str, *, options: dict | None = None,
-                      progress: bool = True) -> list[dict]:
-    """One point of a fixed-format method (NF4, FP4, LLM.int8()) at its own bit width, block size and
-    symmetry (the defaults of its signature), whatever the sweep's integer-grid settings are."""
-    from mpt_utils.catalogue import method_info
-    from mpt_utils.errors import MPTError
+# -- notebook 03's points as recipes -------------------------------------------------------------------
+DENSE_BITS = 16  # the FP16 reference every compression is counted against
+# the point's compression-axis rows that the notebook's tables read, under their old names
+SIZE_METRIC = "nominal_bytes"
+COMPRESSION_METRIC = "compression_nominal"
+
+
+def _defaults(method: str) -> dict[str, Any]:
     from mpt_utils.quant import QUANTIZERS
 
-    bits = method_info(method).traits.get("fixed_bits")
-    if method not in QUANTIZERS or bits is None:
-        fixed = sorted(n for n in QUANTIZERS.names() if QUANTIZERS.info(n).traits.get("fixed_bits") is not None)
-        raise MPTError(f"{method!r} is not a fixed-width quantizer", f"choose among {', '.join(fixed)}, or list "
-                       "it with the bit-width methods")
     params = inspect.signature(QUANTIZERS.get(method)).parameters
-    return quant_point(store, bench, method, bits, group_size=params["group_size"].default,
-                       sym=params["sym"].default, options=options, progress=progress)
+    return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
-def sweep(store: ResultsStore, bench: Workbench, methods: Iterable[str], bits_list: Iterable[int], *,
-          group_size: int | None = 128, sym: bool = False, options: dict[str, dict] | None = None,
-          smoothquant_alpha: float | None = 0.85, fixed_width: Iterable[str] = (),
-          progress: bool = True) -> pd.DataFrame:
-    """Dense reference + every method at every bit width (+ SmoothQuant W8A8 if alpha is given; 0.85
-    is the SmoothQuant reference's Llama-2 setting, its quantizer's default) + each `fixed_width`
-    method once, in its own format (`fixed_width_point`)."""
-    rows = list(dense_point(store, bench, progress))
+def quant_step(method: str, bits: int | None = None, *, group_size: int | None = 128, sym: bool = False,
+               options: Mapping[str, Any] | None = None) -> Any:
+    """The recipe step (`recipe.Step`) of one torch quantizer point. `bits=None`: a fixed format (NF4,
+    FP4, LLM.int8()) at its own width, block size and symmetry (`group_size` and `sym` are then not
+    read). The group size (None or 0: per output row), `sym` and options are written only where they
+    differ from the method's defaults, so the step is the one the planner and the grid notebooks write
+    (`gptq:4bit` is GPTQ's g128 asymmetric point) and all of them find the same stored point."""
+    from mpt_utils.catalogue import method_info
+    from mpt_utils.errors import MPTError
+    from mpt_utils.quant.rtn import normalize_group_size
+    from mpt_utils.recipe import Bits, Step
+
+    defaults = _defaults(method)
+    if bits is None:
+        bits = method_info(method).traits.get("fixed_bits")
+        if bits is None:
+            raise MPTError(f"{method!r} is not a fixed-width quantizer",
+                           "give it a bit width, or list it with the bit-width methods")
+        group_size, sym = defaults.get("group_size"), defaults.get("sym", sym)
+    group, default_group = normalize_group_size(group_size), normalize_group_size(defaults.get("group_size"))
+    setting = Bits(int(bits), None if group == default_group else (group or 0))
+    opts = {k: v for k, v in (options or {}).items() if k not in defaults or defaults[k] != v}
+    if sym != defaults.get("sym"):
+        opts["sym"] = bool(sym)
+    return Step.of(method, setting, **opts)
+
+
+def quant_recipes(methods: Iterable[str], bits_list: Iterable[int], *, group_size: int | None = 128,
+                  sym: bool = False, extra_bits: Mapping[str, Iterable[int]] | None = None,
+                  smoothquant_alpha: float | None = 0.85, fixed_width: Iterable[str] = (),
+                  options: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Notebook 03's recipes, in table order: every method at every width of `bits_list` and then of
+    `extra_bits[method]` (RTN's extra widths for eq. 5), at `group_size` / `sym`; SmoothQuant W8A8 at
+    `smoothquant_alpha` (None: left out; 0.85 is the SmoothQuant reference's Llama-2 setting, its
+    quantizer's default); each `fixed_width` format once at its own width. `options`: per method."""
+    from mpt_utils.recipe import Recipe
+
+    options = options or {}
+    steps = []
     for method in methods:
-        for bits in bits_list:
-            rows += quant_point(store, bench, method, bits, group_size=group_size, sym=sym,
-                                options=(options or {}).get(method), progress=progress)
+        widths = dict.fromkeys([*bits_list, *(extra_bits or {}).get(method, ())])
+        steps += [quant_step(method, b, group_size=group_size, sym=sym, options=options.get(method)) for b in widths]
     if smoothquant_alpha is not None:
-        rows += quant_point(store, bench, "smoothquant", 8, group_size=None, sym=True,
-                            options={"alpha": smoothquant_alpha}, progress=progress)
-    for method in fixed_width:
-        rows += fixed_width_point(store, bench, method, options=(options or {}).get(method), progress=progress)
-    return pd.DataFrame(rows)
+        sq = {**options.get("smoothquant", {}), "alpha": smoothquant_alpha}
+        steps.append(quant_step("smoothquant", 8, group_size=None, sym=True, options=sq))
+    steps += [quant_step(method, options=options.get(method)) for method in fixed_width]
+    return list(dict.fromkeys(str(Recipe((step,))) for step in steps))
 
 
-def wide(rows: pd.DataFrame) -> pd.DataFrame:
-    """One line per point: method, bits, scheme and one column per metric."""
-    keys = [c for c in ("model", "method", "scheme", "bits") if c in rows.columns]
-    return rows.pivot_table(index=keys, columns="metric", values="value", aggfunc="first").reset_index()
+def _step_report(point: pd.DataFrame) -> tuple[dict[str, Any], float]:
+    row = point[point["metric"] == "step_seconds"].iloc[0]
+    return json.loads(row["report"]), float(row["value"])
 
 
-def setup_dict(setup: Setup) -> dict:
-    return asdict(setup)
+def quant_rows(rows: pd.DataFrame | Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The rows of dense and single torch-quantizer recipe points (`Session.point/sweep`) as notebook
+    03's tables and figures read them: per point its scored rows (PPL ± SE, KL ± SE, same-top-1 ...)
+    and `bits_per_weight` (the quantized linears' storage, scales and zero points included: the step's
+    `quant.size.storage`; dense: 16), `size_gb` (the point's nominal bytes, `combined.sizes`),
+    `compression` (its nominal compression against FP16), `quant_seconds` (the step's wall time) and,
+    where the method reports them, `gptq_obs_loss` and `awq_mean_ratio`. Every row carries `method`
+    ("dense" or the quantizer), `bits` (nominal; dense 16), `scheme` (`scheme_label`), `ratio` (the
+    compression), `group_size`, `sym`, `act_bits` and the point's `recipe` and `config_hash`."""
+    from mpt_utils.errors import MPTError
+    from mpt_utils.recipe import Recipe
+
+    df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    if df.empty:
+        return df
+    key = "config_hash" if "config_hash" in df.columns else "recipe"
+    out: list[dict[str, Any]] = []
+    for _, point in df.groupby(key, sort=False):
+        recipe = Recipe.parse(point["recipe"].iloc[0])
+        if len(recipe) > 1 or any(step.family != "quant" for step in recipe):
+            raise MPTError(f"{recipe} is not a dense or single torch quantization point",
+                           "pass the rows of session.dense_point(...) and session.sweep(quant_recipes(...), ...)")
+        metric = point.drop_duplicates("metric").set_index("metric")["value"]
+        tag: dict[str, Any] = {"recipe": str(recipe), "ratio": float(metric[COMPRESSION_METRIC])}
+        derived = {"size_gb": float(metric[SIZE_METRIC]) / 1e9, "compression": tag["ratio"]}
+        if len(recipe) == 0:
+            tag.update(method="dense", bits=DENSE_BITS, scheme="FP16 (dense)", group_size=None, sym=None,
+                       act_bits=None)
+            derived["bits_per_weight"] = float(DENSE_BITS)
+        else:
+            report, seconds = _step_report(point)
+            method, group, sym = recipe[0].method, report["group_size"], bool(report["sym"])
+            tag.update(method=method, bits=int(report["bits"]), group_size=group, sym=sym,
+                       scheme=scheme_label(method, int(report["bits"]), group, sym), act_bits=report.get("act_bits"))
+            derived.update(bits_per_weight=float(report["bits_per_weight"]), quant_seconds=seconds)
+            extra = report.get("extra") or {}
+            for name, field in (("gptq_obs_loss", "obs_loss"), ("awq_mean_ratio", "mean_ratio")):
+                if field in extra:
+                    derived[name] = float(extra[field])
+        base = {c: point[c].iloc[0] for c in ("model", "family", "seed", "config_hash") if c in point.columns}
+        scored = point[point["data"].notna()] if "data" in point.columns else point.iloc[0:0]
+        out += [{**r, **tag} for r in scored.to_dict("records")]
+        out += [{**base, "metric": name, "value": value, **tag} for name, value in derived.items()
+                if value is not None and not (isinstance(value, float) and math.isnan(value))]
+    return pd.DataFrame(out)
+
+
+__all__ = ["Setup", "Workbench", "quant_recipes", "quant_rows", "quant_step", "scheme_label"]
