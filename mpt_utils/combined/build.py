@@ -4,11 +4,11 @@
 curves=rows, out_dir=...)` is the whole user path:
 
 1. `curves_from_rows` reads the model's single-method curves (PPL ± SE and KL ± SE against the ratio)
-   from tidy results-store rows: the single-step recipe points of notebooks 02 (unstructured
-   pruning, e.g. "wanda@0.5") and 05 (low rank, e.g. "asvd@0.1"), the points of notebook 03
-   (quantization, family "quant": GGUF schemes or torch quantizers on the bit axis), or any other
-   single-step grid point (`grid_point` of e.g. "wanda@0.3", "gguf:Q4_K_M", family
-   "combined"). Per dimension one method (the first
+   from tidy results-store rows: the single-step recipe points (family "combined") of notebooks 02
+   (unstructured pruning, e.g. "wanda@0.5"), 03 (torch quantizers on the bit axis, e.g. "gptq:3bit")
+   and 05 (low rank, e.g. "asvd@0.1"), notebook 03's GGUF ladder (family "quant"), or any other
+   single-step grid point (`grid_point` of e.g. "wanda@0.3", "gguf:Q4_K_M"). Per dimension one
+   method (the first
    of PREFERENCE that has a curve, or the caller's `methods`), one protocol (the largest group of
    points sharing seqlen, windows, calibration and mode), one point per ratio, the dense point of the
    same protocol as its ratio-0 anchor;
@@ -424,8 +424,8 @@ def ensure_curves(store: ResultsStore, bench: GridBench, recipes: Sequence[str],
                   methods: Mapping[str, str] | None = None, dimensions: Sequence[str] | None = None,
                   progress: bool = False) -> tuple[dict[str, Curve], pd.DataFrame, list[str]]:
     """The model's single-method curves and the rows they come from: the rows of the single-method
-    notebooks (single-step recipe points, family "combined", of notebooks 02 and 05; the legacy
-    families "dense", "unstructured", "quant", "lowrank"), and when a wanted
+    notebooks (single-step recipe points, family "combined", of notebooks 02, 03 and 05; notebook
+    03's GGUF ladder and older stores' families "dense", "unstructured", "quant", "lowrank"), and when a wanted
     dimension (`dimensions`, default: any) has no curve there, also the dense point and the single-step
     `recipes` (e.g. "wanda@0.3", "gguf:Q4_K_M") through `grid_point` on `bench`'s protocol. Without
     llama.cpp, or for an architecture the GGUF export does not support, a GGUF step becomes RTN at the
@@ -437,7 +437,7 @@ def ensure_curves(store: ResultsStore, bench: GridBench, recipes: Sequence[str],
 
     s = bench.setup
     every = store.frame()
-    # notebooks 02 and 05 store recipe points (family "combined"); curves_from_rows keeps single steps
+    # notebooks 02, 03 and 05 store recipe points (family "combined"); curves_from_rows keeps single steps
     rows = every[every["family"].isin(["dense", "combined", *STORE_FAMILIES])] if "family" in every else every
     found, _ = curves_from_rows(rows, s.model, s.eval_data, calib_data=s.calib_data, methods=methods)
     want = list(dimensions) if dimensions else []
