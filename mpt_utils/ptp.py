@@ -1120,6 +1120,13 @@ def _claim_text(claim: pd.Series | None) -> str:
     return f"{float(claim['lo']):g}–{float(claim['hi']):g}{unit}"
 
 
+PTP_TABLE_COLUMNS = [
+    "family", "curve", "axis", "n", "censored", "s0", "s0_lo", "s0_hi", "ci_low_open", "ci_high_open", "s0_ci",
+    "ptp", "ptp_lo", "ptp_hi", "ptp_ci", "s0_flat", "has_ptp", "delta_bic", "verdict", "claim", "agreement",
+    "dense", "dense_source", "limit", "limit_low", "limit_high", "limit_low_open", "limit_high_open", "limit_text",
+    "knee_x_dense", "knee_vs_limit"]
+
+
 def ptp_table(curves: Mapping[str, Iterable[Curve]], claims: pd.DataFrame,
               fits: Mapping[str, Mapping[str, PTPFit]] | None = None, *,
               limits: Mapping[str, Mapping[str, NearLossless]] | None = None, dense: Dense = None,
@@ -1163,4 +1170,4 @@ def ptp_table(curves: Mapping[str, Iterable[Curve]], claims: pd.DataFrame,
                          "limit_text": "" if none else lim.text(),
                          "knee_x_dense": lim.relative(fit.s0) if not none and fit.has_ptp else math.nan,
                          "knee_vs_limit": knee_vs_limit(fit, lim)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=PTP_TABLE_COLUMNS)  # the columns also when no curve could be fitted

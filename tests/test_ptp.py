@@ -420,3 +420,11 @@ def test_ptp_table_puts_the_limit_beside_the_knee():
     assert row["knee_x_dense"] == pytest.approx(near_lossless_limit(x, y, 5.0).relative(row["s0"]))
     assert "least-compressed" in table.loc["no dense", "dense_source"]
     assert table.loc["no dense", "limit_low"] == table.loc["no dense", "limit_high"]
+
+
+def test_ptp_table_without_any_curve_keeps_its_columns():
+    # a sweep at one ratio has no curve to fit: the table is empty but its columns exist for the notebooks
+    claims = pd.DataFrame([{"family": "unstructured", "method": "*", "axis": "sparsity", "lo": 0.55, "hi": 0.65}])
+    table = ptp_table({"unstructured": []}, claims)
+    assert table.empty
+    assert {"curve", "s0", "has_ptp", "agreement", "knee_vs_limit"} <= set(table.columns)
