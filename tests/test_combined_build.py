@@ -192,3 +192,21 @@ def test_frontier_grid_recipes_and_the_size_conclusion():
         "dense", "gptq:4bit", "sparsegpt@0.5", "sparsegpt@0.5 > gptq:4bit"]
     assert cf.with_options(["asvd@0.05 > admm@0.3 > gguf:Q3_K_M"], {"asvd": {"granularity": "part"}}) == [
         "asvd@0.05[granularity=part] > admm@0.3 > gguf:Q3_K_M"]
+
+
+def test_recipe_points_make_the_curve_and_the_dense_statistics_shortcut_never_does(corpus):
+    # notebook 02 stores its sweep as recipe points (no calibration column in their rows) beside the
+    # dense-statistics shortcut (family "unstructured", mode "dense", its calibration named)
+    rows = [dict(model=MODEL, family="combined", method="recipe", recipe="dense", data=corpus, metric="ppl",
+                 value=DENSE, stderr=1.0, config_hash="dense", seqlen=32, n_windows=2)]
+    for s in (0.2, 0.4, 0.6):
+        rows.append(dict(model=MODEL, family="combined", method="recipe", recipe=f"wanda@{s}", data=corpus,
+                         metric="ppl", value=float(eq5(s, 0.5, 40.0, 2.0)), stderr=1.0, config_hash=f"w{s}",
+                         seqlen=32, n_windows=2))
+    for s in (0.3, 0.5, 0.7, 0.8):
+        rows.append(dict(model=MODEL, family="unstructured", method="wanda", ratio=s, sparsity=s, data=corpus,
+                         metric="ppl", value=1.0, stderr=0.1, pattern="unstructured", mode="dense",
+                         calib_data=corpus, config_hash=f"shortcut{s}", seqlen=32, n_windows=2))
+    curves, _ = curves_from_rows(pd.DataFrame(rows), MODEL, corpus, calib_data=corpus)
+    prune = curves["prune"]
+    assert list(prune.x) == [0.0, 0.2, 0.4, 0.6] and 1.0 not in prune.y and prune.source == "grid points"

@@ -240,6 +240,8 @@ def _locate(point: pd.Series, families: Mapping[str, str]) -> tuple[str, str, fl
     if dim == "prune":
         if str(point.get("pattern", "unstructured")) not in ("unstructured", "nan", "None"):
             return None
+        if str(point.get("mode")) == "dense":  # the dense-statistics shortcut, not the published protocol
+            return None
         x = _num(point.get("sparsity"))
         x = x if math.isfinite(x) else _num(point.get("measured_sparsity"))
         return dim, method, x if math.isfinite(x) else _num(point.get("ratio")), "{}", 0
@@ -313,7 +315,9 @@ def _curve(dim: str, method: str, part: pd.DataFrame, dense: pd.DataFrame, calib
     # one protocol and variant: the calibration set asked for first, then the largest group
     score = part.groupby("_variant").size().to_dict()
     calib = _col(part, "calib_data")
-    matches = part.assign(_calib=calib.astype(str) == str(calib_data)).groupby("_variant")["_calib"].any().to_dict()
+    # a recipe point's rows do not name its calibration set (its key does): unknown is no mismatch
+    same = (calib.astype(str) == str(calib_data)) | calib.isna()
+    matches = part.assign(_calib=same).groupby("_variant")["_calib"].any().to_dict()
     best = max(score, key=lambda v: (matches.get(v, False), score[v], v))
     part = part[part["_variant"] == best].sort_values(["_x", "_rank", "config_hash"]).drop_duplicates("_x")
     first = part.iloc[0]
