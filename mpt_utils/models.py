@@ -215,24 +215,88 @@ def _drop_dequantized_marker(model: torch.nn.Module) -> None:
         delattr(model.config, "quantization_config")
 
 
+def gguf_cache_dir(path: Path, dtype: torch.dtype) -> Path | None:
+    """Where the de-quantized float model of GGUF `path` is kept for the next load (None: caching off).
+
+    Parsing a GGUF through transformers re-reads its metadata three times (config, tokenizer,
+    tensors): about 20 s for the embedded 135M model on 2 cores, paid by every notebook and test
+    process. The float weights it yields are saved once as safetensors with the tokenizer and read
+    back in a second or two; the same tensors, so no number changes. Keyed by the file's path, size
+    and modification time, the dtype and the transformers version. `MPT_MODEL_CACHE` names the root
+    (default: ~/.cache/mpt/models, under XDG_CACHE_HOME when set); "off" disables it."""
+    import hashlib
+
+    import transformers
+
+    root = os.environ.get("MPT_MODEL_CACHE", "")
+    if root.lower() == "off":
+        return None
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mpt" / "models")
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{transformers.__version__}"
+    return Path(root) / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _cached_float_model(cache: Path | None, dtype: torch.dtype) -> tuple[Any, Any] | None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cache is None or not (cache / "complete").is_file():
+        return None
+    try:
+        return (AutoTokenizer.from_pretrained(cache, local_files_only=True),
+                AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, local_files_only=True))
+    except Exception:  # a damaged cache entry: convert the GGUF again
+        return None
+
+
+def _keep_float_model(cache: Path | None, model: torch.nn.Module, tok: Any) -> None:
+    """Save the converted model for the next load; a cache that cannot be written only costs time."""
+    import shutil
+    import tempfile
+
+    if cache is None or getattr(model, "hf_quantizer", None) is not None:
+        return
+    tmp: Path | None = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "complete").write_text("converted from GGUF by mpt_utils.models\n")
+        os.replace(tmp, cache)  # another process may have finished first: then its copy stays
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _from_gguf(path: Path, name: str, source: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_file():
         raise MPTError(f"GGUF file {path} does not exist", "pass an existing .gguf path")
-    try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        # transformers de-quantizes every GGUF tensor to float: that float model is our dense baseline.
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except MPTError:
-        raise
-    except Exception as err:  # corrupt or unsupported files surface as many different errors
-        raise MPTError(
-            f"could not load GGUF {path}: {type(err).__name__}: {str(err)[:200]}",
-            "check the file is a complete GGUF of a transformers-supported architecture "
-            "(llama, qwen2, gemma3, mistral, ...)",
-        ) from None
-    _drop_dequantized_marker(model)
+    cache = gguf_cache_dir(path, dtype)
+    cached = _cached_float_model(cache, dtype)
+    if cached is not None:
+        tok, model = cached
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            # transformers de-quantizes every GGUF tensor to float: that float model is our dense baseline.
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        except MPTError:
+            raise
+        except Exception as err:  # corrupt or unsupported files surface as many different errors
+            raise MPTError(
+                f"could not load GGUF {path}: {type(err).__name__}: {str(err)[:200]}",
+                "check the file is a complete GGUF of a transformers-supported architecture "
+                "(llama, qwen2, gemma3, mistral, ...)",
+            ) from None
+        _drop_dequantized_marker(model)
+        _keep_float_model(cache, model, tok)
     model.to(device).eval()
     note = "weights de-quantized from the GGUF grid (Q4_1 for smollm2-135m)" if source == "embedded" else ""
     return LoadedModel(model, tok, model_info(model, name, source, str(path), note))
