@@ -188,7 +188,7 @@ class Session:
         """The stored rows of `recipe` on `protocol` (`combined.grid.grid_point`), computed once."""
         from mpt_utils.combined.grid import grid_point
 
-        return grid_point(self._store(), self.bench(protocol), recipe, progress=self.progress, **kwargs)
+        return grid_point(self.require_store(), self.bench(protocol), recipe, progress=self.progress, **kwargs)
 
     def sweep(self, recipes: Iterable[Any], protocol: Any, **kwargs: Any) -> list[dict[str, Any]]:
         """Every recipe's point in order (each stored and resumable on its own)."""
@@ -201,7 +201,8 @@ class Session:
         """The uncompressed model on `protocol`: the empty recipe's point."""
         return self.point("dense", protocol)
 
-    def _store(self) -> ResultsStore:
+    def require_store(self) -> ResultsStore:
+        """The session's results store; one clear error when it was made without one."""
         from mpt_utils.errors import MPTError
 
         if self.store is None:

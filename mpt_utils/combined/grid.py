@@ -23,7 +23,7 @@ import hashlib
 import json
 import tempfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -122,16 +122,6 @@ class GridBench(Workbench):
         self._dense_sizes: Sizes | None = None
         self._dense_gguf: Sizes | None = None
 
-    # every calibrated step, GGUF importance matrix and rebuilt file reads these: the protocol's
-    # calibration windows are `calib_len` tokens long, which may differ from the evaluation `seqlen`
-    def calib_ids(self) -> torch.Tensor:
-        s = self.setup
-        return self.session.calib_ids(s.calib_data, s.n_calib, s.calib_len, s.seed)
-
-    def dense_stats(self) -> Any:
-        s = self.setup
-        return self.session.dense_stats(s.calib_data, s.n_calib, s.calib_len, s.seed)
-
     def compressed_model(self, torch_part: Recipe, progress: bool = False
                          ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
         """A fresh model with `torch_part` applied and one report per step, starting from the longest
@@ -179,7 +169,7 @@ class GridBench(Workbench):
 
         for key in [k for k in self.step_cache if isinstance(k, tuple) and len(k) > 3 and mine(k[2], k[3])]:
             del self.step_cache[key]
-        for text in [t for t in self._prefixes if mine(Recipe.parse(t)[0].method, Recipe.parse(t)[0].options)]:
+        for text in [t for t in self._prefixes if mine(*_first_step(t))]:
             del self._prefixes[text]
 
     def _keep(self, text: str, model: torch.nn.Module, reports: list[dict[str, Any]]) -> None:
@@ -221,6 +211,11 @@ class GridBench(Workbench):
         return self._dense_gguf
 
 
+def _first_step(text: str) -> tuple[str, Any]:
+    step = Recipe.parse(text)[0]
+    return step.method, step.options
+
+
 def point_config(setup: GridSetup, recipe: Recipe | str) -> dict[str, Any]:
     """The store key of `recipe` under `setup`'s protocol."""
     recipe = Recipe.parse(recipe)
@@ -241,6 +236,13 @@ def _step_rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"metric": "step_seconds", "value": float(r["seconds"]), "step": r["step"],
              "report": json.dumps({k: v for k, v in r.items() if k != "seconds"}, default=str, sort_keys=True)}
             for r in reports]
+
+
+def step_reports(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The step reports a point's `step_seconds` rows carry (`_step_rows`), decoded, in step order,
+    each with its `step` text and wall `seconds`."""
+    return [{**json.loads(r["report"]), "step": r["step"], "seconds": float(r["value"])}
+            for r in rows if r.get("metric") == "step_seconds" and isinstance(r.get("report"), str)]
 
 
 def _gguf_file(bench: GridBench, model: torch.nn.Module, recipe: Recipe, folder: Path,

@@ -18,7 +18,6 @@ the dense one (not a recipe point: a throughput, not a score), on the same sessi
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,11 +109,6 @@ def release_plans(session: Session, curve: Curve, *protocols: Any) -> None:
             session.bench(protocol).forget(curve.method, dict(curve.options))
 
 
-def _report(row: Mapping[str, Any]) -> dict[str, Any]:
-    text = row.get("report")
-    return json.loads(text) if isinstance(text, str) and text else {}
-
-
 def lowrank_rows(points: Iterable[Mapping[str, Any]] | pd.DataFrame, curves: Sequence[Curve]) -> pd.DataFrame:
     """The tidy rows of the curves' points (`Session.sweep` rows of any protocols; rows of other
     recipes are left out). Each point's rows are repeated for every curve holding its recipe (the
@@ -125,6 +119,8 @@ def lowrank_rows(points: Iterable[Mapping[str, Any]] | pd.DataFrame, curves: Seq
     `param_reduction` (measured on the decomposed linears, Table 7's axis), `model_param_reduction`,
     `flops_reduction`, `n_params`, `n_factorized`, and one `layer_reduction` row per decomposed
     linear (`layer`, `rank`, `out_features`, `in_features`; rank 0 = left dense)."""
+    from mpt_utils.combined.grid import step_reports
+
     raw = points if isinstance(points, pd.DataFrame) else pd.DataFrame(list(points))
     if raw.empty:
         return raw
@@ -140,7 +136,7 @@ def lowrank_rows(points: Iterable[Mapping[str, Any]] | pd.DataFrame, curves: Seq
         data = point["data"].dropna()
         base = {"config_hash": key, "recipe": point["recipe"].iloc[0], "data": data.iloc[0] if len(data) else None,
                 "model": point["model"].iloc[0], "family": point["family"].iloc[0], "seed": point["seed"].iloc[0]}
-        reports = [r for r in map(_report, point.to_dict("records")) if r.get("family") == FAMILY]
+        reports = [r for r in step_reports(point.to_dict("records")) if r.get("family") == FAMILY]
         if not reports:  # the dense point
             derived += [{**base, "metric": m, "value": 0.0} for m in SIZE_METRICS[:3]]
             continue
@@ -203,9 +199,7 @@ def lowrank_speed(session: Session, protocol: Any, recipes: Sequence[str | Recip
                  "param_reduction": reductions[r.name], "speed_mode": r.mode, "speed_device": r.device}
                 for r in results]
 
-    if session.store is None:
-        raise MPTError("this session has no results store", "pass Session(model, store='results/...')")
-    return pd.DataFrame(session.store.get_or_compute(cfg, compute))
+    return pd.DataFrame(session.require_store().get_or_compute(cfg, compute))
 
 
 __all__ = ["Curve", "lowrank_curves", "lowrank_rows", "lowrank_speed", "release_plans"]

@@ -17,7 +17,6 @@ pruned for inputs they no longer receive; it is stored under its own key (`mode:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -95,6 +94,7 @@ def point_rows(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     `sparsity` (measured zeros / prunable weights), `sparsity_all_params`, `nm_ok`, `prune_mode`,
     `prune_seconds` and `block_targets`, read from the pruning step's report (its `step_seconds` row)."""
     from mpt_utils.combined.build import recipe_settings
+    from mpt_utils.combined.grid import step_reports
 
     points: dict[Any, list[Mapping[str, Any]]] = {}
     for row in rows:
@@ -106,16 +106,16 @@ def point_rows(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
             raise MPTError(f"recipe {recipe} is not one pruning step",
                            "pass the rows of one-step pruning recipes (prune_recipes)")
         step = recipe[0]
-        done = [r for r in point if r.get("metric") == "step_seconds" and r.get("step") == str(step)]
+        done = [r for r in step_reports(point) if r["step"] == str(step)]
         if len(done) != 1:
             raise MPTError(f"the rows of {recipe} hold {len(done)} reports of its pruning step",
                            "pass every row of the point, as Session.point returns them")
-        report = json.loads(done[0]["report"])
+        report = done[0]
         settings = recipe_settings(recipe)
         common = {"method": method_label(step.method, step.opts), "family": FAMILY, "recipe": str(recipe),
                   "pattern": settings["pattern"], "ratio": settings["prune"], "sparsity": report["achieved"],
                   "sparsity_all_params": report["sparsity_all_params"], "nm_ok": report["nm_ok"],
-                  "prune_mode": report["mode"], "prune_seconds": float(done[0]["value"]),
+                  "prune_mode": report["mode"], "prune_seconds": report["seconds"],
                   "block_targets": report["block_targets"]}
         out += [{**r, **common} for r in point if r.get("data") is not None]  # the evaluator's rows
         out.append({**_base(point[0]), "metric": "sparsity", "value": report["achieved"], "data": None, **common})
@@ -185,9 +185,7 @@ def dense_shortcut_point(session: Session, protocol: GridSetup, label: str, spar
                 {"metric": "sparsity", "value": report.achieved, "data": None, **common},
                 {"metric": "prune_seconds", "value": report.seconds, "data": None, **common}]
 
-    if session.store is None:
-        raise MPTError("this session has no results store", "pass Session(model, store='results/...')")
-    return session.store.get_or_compute(cfg, compute)
+    return session.require_store().get_or_compute(cfg, compute)
 
 
 def compare_modes(session: Session, protocol: GridSetup, methods: Iterable[str], sparsities: Iterable[float],

@@ -13,7 +13,6 @@ remain as the bases of `GridSetup` / `GridBench` and the GGUF ladder's bench.
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,11 @@ class Setup:
     seed: int = 0
     device: str | None = None
 
+    @property
+    def calib_len(self) -> int:
+        """The calibration windows' length in tokens (`GridSetup` may calibrate on shorter ones)."""
+        return self.seqlen
+
     def config(self) -> dict:
         return {"model": self.model, "family": FAMILY, "data": self.eval_data, "calib_data": self.calib_data,
                 "seqlen": self.seqlen, "n_calib": self.n_calib, "max_windows": self.max_windows,
@@ -65,13 +69,13 @@ class Workbench:
 
     def calib_ids(self) -> torch.Tensor:
         s = self.setup
-        return self.session.calib_ids(s.calib_data, s.n_calib, s.seqlen, s.seed)
+        return self.session.calib_ids(s.calib_data, s.n_calib, s.calib_len, s.seed)
 
     def dense_stats(self):
         """Every block linear's input statistics on the dense model, gathered once by the shared
         engine (AWQ's scale search and llama.cpp's importance matrix both read dense inputs)."""
         s = self.setup
-        return self.session.dense_stats(s.calib_data, s.n_calib, s.seqlen, s.seed)
+        return self.session.dense_stats(s.calib_data, s.n_calib, s.calib_len, s.seed)
 
     def paired(self, store_root=None):
         """The evaluator of every point: perplexity and KL to the dense model on the same windows
@@ -95,8 +99,6 @@ def scheme_label(method: str, bits: int, group_size: int | None, sym: bool) -> s
         return info.display if group_size is None else f"{info.display} g{group_size}"
     g = "ch" if group_size is None else f"g{group_size}"
     return f"{method.upper()} w{bits} {g} {'sym' if sym else 'asym'}"
-
-
 
 
 # -- notebook 03's points as recipes -------------------------------------------------------------------
@@ -162,11 +164,6 @@ def quant_recipes(methods: Iterable[str], bits_list: Iterable[int], *, group_siz
     return list(dict.fromkeys(str(Recipe((step,))) for step in steps))
 
 
-def _step_report(point: pd.DataFrame) -> tuple[dict[str, Any], float]:
-    row = point[point["metric"] == "step_seconds"].iloc[0]
-    return json.loads(row["report"]), float(row["value"])
-
-
 def quant_rows(rows: pd.DataFrame | Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """The rows of dense and single torch-quantizer recipe points (`Session.point/sweep`) as notebook
     03's tables and figures read them: per point its scored rows (PPL ± SE, KL ± SE, same-top-1 ...)
@@ -176,6 +173,7 @@ def quant_rows(rows: pd.DataFrame | Sequence[Mapping[str, Any]]) -> pd.DataFrame
     where the method reports them, `gptq_obs_loss` and `awq_mean_ratio`. Every row carries `method`
     ("dense" or the quantizer), `bits` (nominal; dense 16), `scheme` (`scheme_label`), `ratio` (the
     compression), `group_size`, `sym`, `act_bits` and the point's `recipe` and `config_hash`."""
+    from mpt_utils.combined.grid import step_reports
     from mpt_utils.errors import MPTError
     from mpt_utils.recipe import Recipe
 
@@ -197,7 +195,8 @@ def quant_rows(rows: pd.DataFrame | Sequence[Mapping[str, Any]]) -> pd.DataFrame
                        act_bits=None)
             derived["bits_per_weight"] = float(DENSE_BITS)
         else:
-            report, seconds = _step_report(point)
+            report = step_reports(point.to_dict("records"))[0]
+            seconds = report["seconds"]
             method, group, sym = recipe[0].method, report["group_size"], bool(report["sym"])
             tag.update(method=method, bits=int(report["bits"]), group_size=group, sym=sym,
                        scheme=scheme_label(method, int(report["bits"]), group, sym), act_bits=report.get("act_bits"))
