@@ -17,7 +17,10 @@ the canonical form, which parses back to an equal recipe):
 e.g. `asvd@0.05 > admm@0.35 > gguf:Q3_K_M`, `svd@0.1 > wanda@0.5 > rtn:4bit`, `wanda@2:4`,
 `gptq:3bit/g128`, `sparsegpt@0.6[blocksize=64,percdamp=0.01]`, `rtn:4bit[sym=true]`. The family of a
 step comes from its method name (names are unique across the registries). Options are the method's own
-keyword options, checked against its registry; torch quantizers also take `sym`.
+keyword options, checked against its registry; torch quantizers also take `sym`. Every calibrated step
+also takes the engine's `n_calib` / `calib_seqlen` (CALIB_OPTIONS): it calibrates on the first `n_calib`
+of the protocol's windows, cut to their first `calib_seqlen` tokens (`sleb@0.2[calib_seqlen=256,n_calib=4]`:
+SLEB scores every candidate removal, so the published protocol gives it fewer, shorter windows).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ RATIO_FAMILIES = ("lowrank", "prune", "structured")  # written method@setting; t
 GGUF = "gguf"  # the one GGUF method name ("gguf-roundtrip" is a ladder check, not a compression step)
 BITS_RANGE = (2, 8)  # what every torch quantizer accepts (quant.rtn.check_bits)
 SEPARATORS = ("->", "→", ">")
+# step options the engine reads itself (a calibrated step's share of the protocol's windows), never the method
+CALIB_OPTIONS = ("n_calib", "calib_seqlen")
 # Later methods that fail today on what an earlier family or method leaves (measured on tiny Llama; a
 # test checks each pair still fails): refused before any work instead of crashing half-way.
 INCOMPATIBLE: dict[str, tuple[frozenset[str], str]] = {
@@ -179,8 +184,26 @@ def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float | str)
 
 
+def _check_calib_options(family: str, method: str, options: dict[str, Any]) -> None:
+    given = [k for k in CALIB_OPTIONS if k in options]
+    if not given:
+        return
+    if family == GGUF or not method_info(method).calibration:
+        raise MPTError(f"{method} takes no calibration windows: {', '.join(given)} cannot be set for it",
+                       f"drop {', '.join(given)} from the {method} step")
+    for k in given:
+        value = options[k]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MPTError(f"{k}={value!r} in the {method} step is not a positive whole number",
+                           f"write e.g. {method}@...[{k}=4]: the step calibrates on that share of the "
+                           "protocol's windows")
+
+
 def _check_step_options(family: str, method: str, options: dict[str, Any]) -> None:
-    """One MPTError naming the closest valid option, through each family's own registry check."""
+    """One MPTError naming the closest valid option, through each family's own registry check (the
+    engine's CALIB_OPTIONS are checked here and never reach the method)."""
+    _check_calib_options(family, method, options)
+    options = {k: v for k, v in options.items() if k not in CALIB_OPTIONS}
     if family == "lowrank":
         from mpt_utils.lowrank import LOWRANK
 
@@ -329,7 +352,26 @@ class Step:
 
     @property
     def opts(self) -> dict[str, Any]:
+        """The options as a dict (the engine's CALIB_OPTIONS included)."""
         return dict(self.options)
+
+    @property
+    def method_opts(self) -> dict[str, Any]:
+        """The options the method itself takes (all but the engine's CALIB_OPTIONS)."""
+        return {k: v for k, v in self.options if k not in CALIB_OPTIONS}
+
+    def calibration(self, calib_ids: Any) -> Any:
+        """This step's share of the protocol's calibration windows [n, seqlen]: the first `n_calib`,
+        cut to `calib_seqlen` tokens (both optional); one clear error when the protocol has fewer."""
+        opts = self.opts
+        if calib_ids is None or not any(k in opts for k in CALIB_OPTIONS):
+            return calib_ids
+        n, length = opts.get("n_calib", calib_ids.shape[0]), opts.get("calib_seqlen", calib_ids.shape[1])
+        if n > calib_ids.shape[0] or length > calib_ids.shape[1]:
+            raise MPTError(f"{self} asks for {n} calibration windows of {length} tokens, the protocol has "
+                           f"{calib_ids.shape[0]} of {calib_ids.shape[1]}",
+                           "lower n_calib / calib_seqlen in the step, or raise the protocol's n_calib / seqlen")
+        return calib_ids[:n, :length]
 
     @property
     def stage(self) -> int:
@@ -472,7 +514,7 @@ def lowrank_plan(model, step: Step, calib_ids=None, *, device=None, progress: bo
     key = ("recipe", step.family, step.method, step.options, _calib_key(calib_ids))
     plan = cache.get(key) if cache is not None else None
     if plan is None:
-        plan = prepare(model, step.method, calib_ids, device=device, progress=progress, **step.opts)
+        plan = prepare(model, step.method, calib_ids, device=device, progress=progress, **step.method_opts)
         if cache is not None:
             cache[key] = plan
     return plan
@@ -501,11 +543,11 @@ def _prune(model, step: Step, calib_ids, device, progress, cache) -> dict[str, A
         key = ("recipe", step.family, step.method, step.options, _calib_key(calib_ids), "block_scores")
         if key not in cache:
             cache[key] = allocation_scores(model, step.method, calib_ids=calib_ids, device=device,
-                                           progress=progress, **step.opts)
+                                           progress=progress, **step.method_opts)
         scores = cache[key]
     report = prune_model(model, step.method, None if nm else step.setting, calib_ids=calib_ids,
                          pattern=step.setting if nm else None, device=device, progress=progress,
-                         block_scores=scores, **step.opts)
+                         block_scores=scores, **step.method_opts)
     return {k: v for k, v in report.as_dict().items() if k not in ("method", "seconds")}
 
 
@@ -514,7 +556,7 @@ def _structured(model, step: Step, calib_ids, device, progress, cache) -> dict[s
 
     sub = None if cache is None else cache.setdefault(("recipe", step.family, step.method, step.options), {})
     result = structured_prune(model, step.method, step.setting, calib_ids, cache=sub, device=device,
-                              progress=progress, **step.opts)
+                              progress=progress, **step.method_opts)
     return {k: v for k, v in result.as_dict().items() if k not in ("method", "seconds")}
 
 
@@ -528,7 +570,7 @@ def _quant(model, step: Step, calib_ids, device, progress, cache) -> dict[str, A
     group = {} if setting.group_size is None else {"group_size": setting.group_size}
     pruned = zero_counts(model)  # before quantizing: rounding to zero is not pruning
     result = quantize(model, step.method, bits=setting.bits, calib_ids=calib_ids, device=device,
-                      progress=progress, **group, **step.opts)
+                      progress=progress, **group, **step.method_opts)
     mark_quantized(model, result.layers, pruned)
     size = storage(model, result.layers)
     return {**result.spec.as_dict(), "act_bits": result.act_bits, "n_quantized": len(result.layers),
@@ -543,7 +585,8 @@ def apply_recipe(model, recipe: Recipe | str, calib_ids=None, *, device=None, pr
                  cache: dict | None = None) -> list[dict[str, Any]]:
     """Apply `recipe` to `model` (an nn.Module) in place, step by step through each family's own entry
     point; every calibrated step calibrates on `calib_ids` [n, seqlen] through the model as compressed so
-    far. Pass a fresh copy of the dense model. Returns one report per step: family, method, setting, step
+    far (a step's `n_calib` / `calib_seqlen` options take the first windows / tokens of them, `Step.calibration`).
+    Pass a fresh copy of the dense model. Returns one report per step: family, method, setting, step
     (its text), options, seconds (the step's wall time) and what the family measured on the tensors
     (low rank: param_reduction...; pruning: achieved sparsity...; structured: param/block reduction...;
     quantization: bits, group_size, bits_per_weight...). The quantized specs are recorded on the model
@@ -566,10 +609,11 @@ def apply_recipe(model, recipe: Recipe | str, calib_ids=None, *, device=None, pr
     if needy and calib_ids is None:
         raise MPTError(f"{', '.join(needy)} need calibration windows",
                        "pass calib_ids=calibration_windows(tokenizer, corpus, n, seqlen)")
+    shares = [step.calibration(calib_ids) if needs_calibration(step) else None for step in recipe]  # checked first
     reports = []
     for i, step in enumerate(recipe):
         start = time.perf_counter()
-        measured = _APPLY[step.family](model, step, calib_ids, device, progress, cache if i == 0 else None)
+        measured = _APPLY[step.family](model, step, shares[i], device, progress, cache if i == 0 else None)
         reports.append({"family": step.family, "method": step.method, "setting": step.setting_text,
                         "step": str(step), "options": step.opts, "seconds": time.perf_counter() - start,
                         **measured})

@@ -9,9 +9,10 @@ quantization and GGUF points, structured and low-rank sweeps, recipe grids, the 
 its model, windows, statistics and evaluator from one `Session`, so a notebook that runs several
 drivers loads and calibrates once, and there is one caching mechanism instead of one per family.
 
-`point(recipe)` / `sweep(recipes)` / `dense()` measure recipes (`mpt_utils.recipe`) on a protocol
+`point(recipe)` / `sweep(recipes)` / `dense_point()` score recipes (`mpt_utils.recipe`) on a protocol
 (`mpt_utils.combined.grid.GridSetup`) through the results store: each point is stored once under its
-canonical recipe, the protocol and every step's algorithm version.
+canonical recipe, the protocol and every step's algorithm version; `measure(recipe, ...)` stores any
+other measurement of a recipe's model (speed, downstream tasks, recovery) the same way.
 
 The session never changes a stored point's key: keys are built by the drivers from their protocol.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -180,6 +182,7 @@ class Session:
             # plan, a structured method's scores): it depends on the dense model and calibration only
             calibration = replace(protocol, eval_data="", max_windows=None)
             bench.step_cache = self.cached(("step_cache", calibration), dict)
+            bench.share_kept(self.cached(("kept", calibration), OrderedDict))  # and the compressed models
             return bench
 
         return self.cached(key, build)
@@ -196,6 +199,15 @@ class Session:
         for recipe in recipes:
             rows += self.point(recipe, protocol, **kwargs)
         return rows
+
+    def measure(self, recipe: Any, protocol: Any, kind: str, settings: dict[str, Any],
+                measure: Callable[[torch.nn.Module, Any], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The stored rows of another measurement (`kind`: speed, downstream, recovery...) of the model
+        `recipe` makes on `protocol`: `measure(model, bench)`, computed once
+        (`combined.grid.measured_point`); right after the recipe's point it reuses the kept model."""
+        from mpt_utils.combined.grid import measured_point
+
+        return measured_point(self.require_store(), self.bench(protocol), recipe, kind, settings, measure)
 
     def dense_point(self, protocol: Any) -> list[dict[str, Any]]:
         """The uncompressed model on `protocol`: the empty recipe's point."""

@@ -7,7 +7,7 @@ import pytest
 
 from mpt_utils.combined.grid import GridSetup, metric, point_config
 from mpt_utils.errors import MPTError
-from mpt_utils.prune.structured.sweep import SweepSettings, structured_sweep
+from mpt_utils.prune.structured.sweep import structured_sweep
 from mpt_utils.quant.sweep import Setup, Workbench
 from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
@@ -39,10 +39,9 @@ def test_every_family_driver_shares_one_load_one_calibration_and_one_evaluator(c
 
     bench = Workbench(Setup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol),
                       session=session)  # the GGUF ladder's bench
-    settings = SweepSettings(model="tiny-llama", eval_data=corpus, max_eval_windows=2, **protocol)
-    structured_sweep(session, store, settings, ["shortgpt"], [0.25], log=None)
     grid = GridSetup(model="tiny-llama", eval_data=corpus, max_windows=2, device="cpu", **protocol)
-    # pruning, quantization and low rank are recipe points
+    # pruning, structured pruning, quantization and low rank are recipe points
+    structured_sweep(session, grid, ["shortgpt@0.25"], speed={"ratios": [0.25], "rounds": 1, "seqlen": 16})
     session.sweep(["wanda@0.5", "gptq:4bit/g32", "wanda@0.5 > rtn:4bit", "svd_llm@0.2[update=none]"], grid)
 
     assert calls == [1]  # one load for every driver

@@ -1,6 +1,7 @@
 """Side-by-side speed measurement and the resumable structured-pruning sweep (tiny models)."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,7 +10,7 @@ import torch
 from mpt_utils.errors import MPTError
 from mpt_utils.eval.speed import measure_speed
 from mpt_utils.prune.structured import sweep as sweep_mod
-from mpt_utils.prune.structured.sweep import SweepSettings, recovery_effect, structured_sweep
+from mpt_utils.prune.structured.sweep import recovery_effect, structured_sweep
 from mpt_utils.store import ResultsStore
 from mpt_utils.testing import tiny_model
 
@@ -44,26 +45,96 @@ def corpus(tmp_path):
     return str(path)
 
 
-def test_sweep_stores_points_and_resumes(tmp_path, corpus, monkeypatch):
+def _protocol(corpus, **kw):
+    from mpt_utils.combined.grid import GridSetup
+
+    return GridSetup(model="tiny-llama", eval_data=corpus, calib_data=corpus, seqlen=32, n_calib=4, max_windows=2,
+                     seed=0, device="cpu", **kw)
+
+
+def _session(tmp_path, loads=None):
+    from mpt_utils.session import Session
+
     loaded = tiny_model("llama")
-    store = ResultsStore(tmp_path / "store")
-    settings = SweepSettings(model="tiny-llama", eval_data=corpus, calib_data=corpus, seqlen=32, n_calib=4,
-                             max_eval_windows=2, speed={"ratios": [0.5], "rounds": 1, "seqlen": 16},
-                             recovery={"methods": ["random"], "steps": 2, "windows": 2, "seqlen": 32})
-    df = structured_sweep(loaded, store, settings, ["shortgpt", "random"], [0.5], log=None)
-    ppl = df[(df.metric == "ppl")]
-    assert len(ppl) == 3 and set(ppl.recovered) == {False, True}
-    assert set(df.metric) >= {"ppl", "param_reduction", "block_reduction", "speedup", "n_params"}
-    short = df[(df.method == "shortgpt") & (df.metric == "param_reduction")].value.item()
-    assert 0.2 < short < 0.5
-    n_points = len(list(store.points.glob("*.json")))
 
-    def boom(*a, **k):
-        raise AssertionError("a finished point was recomputed")
+    def loader():
+        if loads is not None:
+            loads.append(1)
+        return loaded
 
-    monkeypatch.setattr(sweep_mod, "structured_prune", boom)
-    again = structured_sweep(loaded, store, settings, ["shortgpt", "random"], [0.5], log=None)
-    assert len(again) == len(df) and len(list(store.points.glob("*.json"))) == n_points
+    return Session("tiny-llama", ResultsStore(tmp_path / "store"), device="cpu", loader=loader)
+
+
+def test_sweep_prunes_each_model_once_for_every_measurement_and_resumes(tmp_path, corpus, monkeypatch):
+    import mpt_utils.prune.structured as structured
+
+    loads, pruned = [], []
+    real = structured.structured_prune
+    monkeypatch.setattr(structured, "structured_prune", lambda *a, **k: pruned.append(a[1:3]) or real(*a, **k))
+    session, protocol = _session(tmp_path, loads), _protocol(corpus)
+    extra = str(Path(corpus).with_name("extra.txt"))
+    Path(extra).write_text(Path(corpus).read_text()[::-1])
+    recipes = sweep_mod.structured_recipes(["shortgpt", "random"], [0.5], protocol=protocol)
+    kw = dict(extra_eval_data=extra, speed={"ratios": [0.5], "rounds": 1, "seqlen": 16},
+              recovery={"methods": ["random"], "steps": 2, "windows": 2, "seqlen": 32})
+    df = structured_sweep(session, protocol, recipes, **kw)
+    # one pruned model per recipe serves both corpora, the speed run and the recovery run
+    assert sorted(pruned) == [("random", 0.5), ("shortgpt", 0.5)] and loads == [1]
+    ppl = df[df.metric == "ppl"]
+    assert len(ppl) == 6 and set(ppl.data) == {corpus, extra}  # 2 methods x 2 corpora + recovered random x 2
+    assert set(ppl[ppl.recovered].method) == {"random"}
+    assert set(df.metric) >= {"ppl", "kl_mean", "param_reduction", "block_reduction", "speedup", "n_params"}
+    short = df[(df.method == "shortgpt") & (df.metric == "param_reduction")].value
+    assert len(short) == 1 and 0.2 < short.item() < 0.5  # one size row per pruned model
+    assert (df[df.method == "shortgpt"].param_reduction == short.item()).all()
+    n_points = len(list(session.store.points.glob("*.json")))
+
+    again = structured_sweep(_session(tmp_path, loads), protocol, recipes, **kw)
+    assert loads == [1] and len(pruned) == 2  # read back: nothing loaded, nothing pruned
+    assert len(again) == len(df) and len(list(session.store.points.glob("*.json"))) == n_points
+
+
+def test_a_recipe_point_is_the_method_called_by_hand_on_its_share_of_the_windows(tmp_path, corpus):
+    import copy
+
+    from mpt_utils.eval.paired import PairedEvaluator
+    from mpt_utils.prune.structured import structured_prune
+
+    session, protocol = _session(tmp_path), _protocol(corpus)
+    unprotected = {"early_barrier": 0, "latter_barrier": 0}  # the tiny model has 2 blocks
+    recipe = sweep_mod.structured_recipes(["sleb"], [0.5], protocol=protocol, options={"sleb": unprotected},
+                                          calibration={"sleb": {"n_calib": 2, "calib_seqlen": 16}})[0]
+    assert recipe == "sleb@0.5[calib_seqlen=16,early_barrier=0,latter_barrier=0,n_calib=2]"
+    rows = structured_sweep(session, protocol, [recipe])
+    by_hand = copy.deepcopy(session.dense)
+    windows = session.calib_ids(corpus, 4, 32, 0)[:2, :16]
+    result = structured_prune(by_hand, "sleb", 0.5, windows, progress=False, **unprotected)
+    step = rows[rows.metric == "prune_seconds"].detail.item()
+    assert len(result.detail["removed_blocks"]) == 1 and step["removed_blocks"] == result.detail["removed_blocks"]
+    paired = PairedEvaluator("tiny-llama", session.tokenizer, 32, 2)
+    paired.prepare(session.dense, [corpus])
+    ppl = next(r for r in paired.rows(by_hand, [corpus]) if r["metric"] == "ppl")["value"]
+    assert rows[rows.metric == "ppl"].value.item() == pytest.approx(ppl, rel=1e-6)
+    assert rows[rows.metric == "param_reduction"].value.item() == pytest.approx(result.param_reduction)
+
+
+def test_calibration_shares_are_checked_before_any_work(corpus):
+    from mpt_utils.recipe import Recipe
+
+    protocol = _protocol(corpus)
+    share = {"slicegpt": {"n_calib": 4}, "sleb": {"n_calib": 2, "calib_seqlen": 32}}
+    # a share that is the whole protocol is no share: one computation, one key
+    assert sweep_mod.structured_recipes(["slicegpt", "sleb", "random"], [0.2], calibration=share,
+                                        protocol=protocol) == ["slicegpt@0.2", "sleb@0.2[n_calib=2]", "random@0.2"]
+    with pytest.raises(MPTError, match="the protocol has 4"):
+        sweep_mod.structured_recipes(["sleb"], [0.2], calibration={"sleb": {"n_calib": 8}}, protocol=protocol)
+    with pytest.raises(MPTError, match="takes no calibration windows"):
+        Recipe.parse("random@0.2[n_calib=2]")
+    with pytest.raises(MPTError, match="positive whole number"):
+        Recipe.parse("sleb@0.2[calib_seqlen=0]")
+    with pytest.raises(MPTError, match="calibration windows of 64 tokens, the protocol has 4 of 32"):
+        Recipe.parse("sleb@0.2[calib_seqlen=64]")[0].calibration(torch.zeros(4, 32, dtype=torch.long))
+    assert sweep_mod.structured_step("llm_pruner", 0.2, {"n_samples": 10, "sample_len": 64}).options == ()
 
 
 def test_recovery_effect_compares_each_point_with_and_without_lora():

@@ -122,6 +122,12 @@ class GridBench(Workbench):
         self._dense_sizes: Sizes | None = None
         self._dense_gguf: Sizes | None = None
 
+    def share_kept(self, kept: OrderedDict[str, tuple[torch.nn.Module, list[dict[str, Any]]]]) -> None:
+        """Keep the compressed models in `kept`, shared with the benches of protocols that calibrate
+        alike and differ only in what they score (`Session.bench`): a point scored on a second corpus
+        starts from the model the first one compressed."""
+        self._prefixes = kept
+
     def compressed_model(self, torch_part: Recipe, progress: bool = False
                          ) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
         """A fresh model with `torch_part` applied and one report per step, starting from the longest
@@ -355,6 +361,29 @@ def grid_point(store: ResultsStore, bench: GridBench, recipe: Recipe | str, *, k
                                                       progress=progress))
 
 
+def measured_point(store: ResultsStore, bench: GridBench, recipe: Recipe | str, kind: str,
+                   settings: Mapping[str, Any], measure: Callable[[torch.nn.Module, GridBench], list[dict[str, Any]]],
+                   ) -> list[dict[str, Any]]:
+    """The stored rows of another measurement of the model `recipe` makes (its speed against the dense
+    model, downstream tasks, a recovery run and its scores): `measure(model, bench)` on that model,
+    computed once and stored under the recipe point's key plus `kind` and `settings` (everything the
+    measurement itself depends on). The model comes from `bench.compressed_model`, so a measurement
+    right after its recipe's point reuses the kept model instead of compressing again; `measure` may
+    change it (it is the caller's copy). Every row carries `recipe` and `kind`."""
+    recipe = Recipe.parse(recipe)
+    if recipe.gguf_scheme is not None:
+        raise MPTError(f"cannot measure {kind} on {recipe}: it ends in a GGUF file, not a torch model",
+                       f"measure {recipe.torch_part}, or score the file with grid_point")
+    if "kind" in settings:
+        raise MPTError("a measurement's settings cannot name 'kind'", "pass the kind as its own argument")
+
+    def compute() -> list[dict[str, Any]]:
+        model, _ = bench.compressed_model(recipe.torch_part)
+        return [{**row, "recipe": str(recipe), "kind": kind} for row in measure(model, bench)]
+
+    return store.get_or_compute({**point_config(bench.setup, recipe), "kind": kind, **settings}, compute)
+
+
 def grid(store: ResultsStore, bench: GridBench, recipes: list[Recipe | str], *, keep_files: bool = False,
          progress: bool = False, executor: str = "local", max_retries: int = 3) -> list[dict[str, Any]]:
     """Every recipe's point, in order (each resumable on its own). `executor="ray"` computes the
@@ -374,4 +403,5 @@ def metric(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return found[0]
 
 
-__all__ = ["FAMILY", "GridBench", "GridSetup", "compute_point", "grid", "grid_point", "metric", "point_config"]
+__all__ = ["FAMILY", "GridBench", "GridSetup", "compute_point", "grid", "grid_point", "measured_point", "metric",
+           "point_config"]

@@ -184,7 +184,7 @@ def lowrank_speed(session: Session, protocol: Any, recipes: Sequence[str | Recip
         models, reductions, requested = {"dense": dense}, {"dense": 0.0}, {"dense": 0.0}
         for recipe in parsed:
             step = recipe[0]
-            calib = bench.calib_ids() if needs_calibration(step) else None
+            calib = step.calibration(bench.calib_ids()) if needs_calibration(step) else None
             plan = lowrank_plan(bench.fresh_model(), step, calib, device=protocol.device,
                                 progress=session.progress, cache=bench.step_cache)
             twin = copy.deepcopy(dense)
