@@ -7,10 +7,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import gguf
-import numpy as np
-
 from mpt_utils.errors import MPTError
+from mpt_utils.quant.gguf.header import read_header
 
 
 @dataclass
@@ -40,23 +38,16 @@ class GGUFInfo:
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFInfo:
-    """Parse `path` with gguf.GGUFReader; a missing, truncated or corrupt file raises MPTError."""
+    """Parse `path`'s header (`header.read_header`); a missing, truncated or corrupt file raises MPTError."""
     p = Path(path)
-    if not p.is_file():
-        raise MPTError(f"GGUF file {p} does not exist", "export or quantize it first")
-    try:
-        reader = gguf.GGUFReader(str(p))
-        tensors = list(reader.tensors)
-    except Exception as err:  # the reader raises ValueError/struct/IndexError on damaged files
-        raise MPTError(f"{p} is not a readable GGUF file: {type(err).__name__}: {str(err)[:160]}",
-                       "re-export or re-download the file") from None
+    header = read_header(p)
     counts: Counter = Counter()
     params: Counter = Counter()
     types = {}
     total_bytes = n_params = mat_bytes = mat_params = 0
-    for t in tensors:
-        kind = t.tensor_type.name
-        n = int(np.prod(t.shape))
+    for t in header.tensors:
+        kind = t.type_name
+        n = t.n_elements
         counts[kind] += 1
         params[kind] += n
         types[t.name] = kind
@@ -65,10 +56,10 @@ def read_gguf(path: str | os.PathLike) -> GGUFInfo:
         if len(t.shape) > 1:
             mat_bytes += int(t.n_bytes)
             mat_params += n
-    if p.stat().st_size < total_bytes:
+    if p.stat().st_size < header.data_offset + total_bytes:
         raise MPTError(f"{p} is truncated: {p.stat().st_size} bytes on disk, tensors need {total_bytes}",
                        "re-export or re-download the file")
-    ftype_field = reader.fields.get("general.file_type")
+    ftype_field = header.fields.get("general.file_type")
     return GGUFInfo(path=str(p), file_bytes=p.stat().st_size, tensor_bytes=total_bytes, n_params=n_params,
                     bits_per_weight=8 * total_bytes / max(n_params, 1),
                     matrix_bits_per_weight=8 * mat_bytes / max(mat_params, 1),

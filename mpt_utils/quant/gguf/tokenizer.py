@@ -11,34 +11,36 @@ import tempfile
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from mpt_utils.errors import MPTError
+from mpt_utils.quant.gguf.header import read_header
 
 # transformers model_type -> llama.cpp pre-tokenizer name (llama.cpp rejects unknown names)
 PRE_TOKENIZERS = {"qwen2": "qwen2"}
 
 
 def copy_from_gguf(writer: gguf.GGUFWriter, source: str | Path, vocab_size: int) -> None:
-    """Copy every tokenizer.* key of `source` into `writer` (types preserved)."""
+    """Copy every tokenizer.* key of `source` into `writer`, types and bytes preserved."""
     try:
-        reader = gguf.GGUFReader(str(source))
-    except Exception as err:
-        raise MPTError(f"cannot read tokenizer from {source}: {type(err).__name__}: {err}",
+        fields = read_header(source).fields
+    except MPTError as err:
+        raise MPTError(f"cannot read tokenizer from {source}: {err.args[0]}",
                        "pass a valid .gguf as tokenizer_gguf") from None
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = fields.get("tokenizer.ggml.tokens")
     if tokens is None:
         raise MPTError(f"{source} has no tokenizer", "pass a GGUF that carries tokenizer.ggml.* keys")
-    if len(tokens.data) != vocab_size:
-        raise MPTError(f"{source} has {len(tokens.data)} tokens but the model's vocabulary is {vocab_size}",
+    if len(tokens.value) != vocab_size:
+        raise MPTError(f"{source} has {len(tokens.value)} tokens but the model's vocabulary is {vocab_size}",
                        "pass the tokenizer GGUF of this model family")
-    for key, field in reader.fields.items():
+    for key, field in fields.items():
         if not key.startswith("tokenizer."):
             continue
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+        if field.type == gguf.GGUFValueType.ARRAY:  # numbers as Python scalars, strings as their raw bytes
+            value = field.value.tolist() if isinstance(field.value, np.ndarray) else field.value
+            writer.add_key_value(key, value, field.type, sub_type=field.item_type)
         else:
-            writer.add_key_value(key, field.contents(), vtype)
+            writer.add_key_value(key, field.value, field.type)
 
 
 def _vocab_from_dir(path: Path):
