@@ -133,6 +133,10 @@ def _coerce_setting(family: str, method: str, setting: Any) -> Setting:
         g = text.group_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 0):
             raise _bad_setting(family, method, str(text), "has an invalid group size")
+        fixed = method_info(method).traits.get("fixed_bits")
+        if fixed is not None and text.bits != fixed:  # a named format (NF4, LLM.int8()) has one width
+            raise MPTError(f"{method} is a {fixed}-bit format, not {text.bits}-bit",
+                           f"write {method}:{fixed}bit, or use a bit-width quantizer (rtn, gptq) for {text.bits} bits")
         return text
     if family == "prune" and (isinstance(text, tuple | list) or (isinstance(text, str) and ":" in text)):
         return _pattern(method, text)

@@ -78,6 +78,9 @@ def test_programmatic_steps_equal_parsed_ones():
     ("wanda", "has no setting", "sparsity"),
     ("svd@0.1 >", "empty step", ""),
     ('asvd@0.2[candidates={"a":1}]', "cannot read option value", "list of them"),
+    ("nf4:3bit", "4-bit format, not 3-bit", "nf4:4bit"),
+    ("random@0.2[n_calib=4]", "takes no calibration windows", "drop n_calib"),
+    ("sleb@0.2[n_calib=-1]", "not a positive whole number", "n_calib=4"),
 ])
 def test_bad_recipes_are_one_mpterror_naming_the_problem(text, problem, fix):
     with pytest.raises(MPTError) as info:
