@@ -122,9 +122,11 @@ def test_llamacpp_scorer_follows_lm_eval_and_reuses_prefixes():
     assert fake.evaluated < 0.6 * total  # the choices of an item share their context's KV cache
 
 
-def test_tiny_random_model_scores_near_chance():
+def test_tiny_random_model_scores_near_chance(capsys):
     loaded = tiny_model("llama")
     rows = evaluate_downstream(loaded.model, loaded.tokenizer, "mpt_offline", limit=60, backend="mpt")
+    drawn = capsys.readouterr()
+    assert "Tokenizing inputs" not in drawn.err + drawn.out  # no lm-eval bar without progress=True
     acc = [r for r in rows if r["metric"] == "acc"]
     assert {r["task"] for r in acc} == set(OFFLINE_SUITE)
     assert all(r["chance"] == pytest.approx(0.25) and r["n"] == min(60, SIZES[r["task"]]) for r in acc)

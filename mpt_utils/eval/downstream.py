@@ -371,7 +371,6 @@ def gguf_loglikelihoods(path: str | Path, pairs: Sequence[tuple[str, str]], n_ct
 def _quiet_lm_eval(progress: bool, level: int = logging.ERROR) -> Iterator[None]:
     """lm-eval logs every task build and draws a bar per stage: keep errors only, and the bars only on
     request (its modules bind `tqdm` at import, so the silent variant is swapped in for this call)."""
-    import functools
     import importlib
 
     from tqdm import tqdm
@@ -380,13 +379,16 @@ def _quiet_lm_eval(progress: bool, level: int = logging.ERROR) -> Iterator[None]
     old = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(level)
+    def silent(*args: Any, **kwargs: Any) -> Any:  # lm-eval passes disable= itself: override it, not default it
+        return tqdm(*args, **{**kwargs, "disable": True})
+
     swapped = []
     if not progress:
         for name in ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.models.huggingface"):
             module = importlib.import_module(name)
             if hasattr(module, "tqdm"):
                 swapped.append((module, module.tqdm))
-                module.tqdm = functools.partial(tqdm, disable=True)
+                module.tqdm = silent
     try:
         yield
     finally:
