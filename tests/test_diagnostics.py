@@ -3,12 +3,14 @@ points, and the classifier on synthetic models whose failure mode is known."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pandas as pd
 import pytest
 import torch
 
+from mpt_utils.combined.grid import point_config
 from mpt_utils.diagnostics import (
     COMPUTATION_COLLAPSE,
     NO_FAILURE,
@@ -16,7 +18,6 @@ from mpt_utils.diagnostics import (
     activation_patching,
     answer_table,
     broken_block,
-    compressed_copy,
     diagnose,
     diagnose_point,
     distributed_noise,
@@ -29,13 +30,15 @@ from mpt_utils.diagnostics import (
     logit_lens,
     normalized_entropy,
     pararel_metrics,
-    quant,
     restore_sites,
     subspace_similarity,
     trace,
 )
 from mpt_utils.diagnostics.runner import run_from
+from mpt_utils.diagnostics.session import DiagnosticSession, diagnosis_recipes, quant_bits_of, short_label
 from mpt_utils.errors import MPTError
+from mpt_utils.recipe import Recipe, apply_recipe
+from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 from mpt_utils.testing import tiny_model
 
@@ -65,7 +68,9 @@ def batch():
 
 @pytest.fixture(scope="module")
 def rtn2(dense):
-    return compressed_copy(dense, quant("rtn", bits=2, group_size=32))
+    model = copy.deepcopy(dense)
+    apply_recipe(model, "rtn:2bit/g32")
+    return model
 
 
 def test_suite_paraphrases_and_batch(batch):
@@ -211,14 +216,16 @@ def test_collapse_onset_against_published_ptp():
     from mpt_utils.published import load_published
 
     points = pd.DataFrame([
-        {"family": "quantization", "method": "rtn", "bits": b, "ratio": None, "label": lab}
+        {"family": "quant", "method": "rtn", "bits": b, "ratio": None, "label": lab}
         for b, lab in ((8, NO_FAILURE), (4, SIGNAL_DEGRADATION), (3, COMPUTATION_COLLAPSE), (2, COMPUTATION_COLLAPSE))
-    ] + [{"family": "pruning", "method": "wanda", "bits": None, "ratio": r, "label": lab}
-         for r, lab in ((0.3, COMPUTATION_COLLAPSE), (0.5, COMPUTATION_COLLAPSE))])
+    ] + [{"family": "prune", "method": "wanda", "bits": None, "ratio": r, "label": lab}
+         for r, lab in ((0.3, COMPUTATION_COLLAPSE), (0.5, COMPUTATION_COLLAPSE))
+    ] + [{"family": "synthetic", "method": None, "bits": None, "ratio": None, "label": COMPUTATION_COLLAPSE}])
     out = collapse_onset(points, load_published("perspective_ptp_claims")).set_index("method")
     assert out.loc["rtn", "published PTP"] == "2-3 bits"
     assert out.loc["rtn", "verdict"].startswith("coincides") and "4 bits and 3 bits" in out.loc["rtn", "collapse onset"]
     assert out.loc["wanda", "verdict"] == "collapse sets in before the published PTP"
+    assert list(out.family) == ["quantization", "pruning"]  # a synthetic control has no published PTP
 
 
 def test_tables_keep_their_values_through_store_rows():
@@ -230,3 +237,65 @@ def test_tables_keep_their_values_through_store_rows():
     pd.testing.assert_frame_equal(back[pararel.columns], pararel)
     quality = pd.DataFrame([{"ppl": 12.5, "n_tokens": 512.0}])
     pd.testing.assert_frame_equal(rows_frame(frame_rows(quality, "quality"), "quality")[quality.columns], quality)
+
+
+def test_diagnosis_recipes_and_their_labels():
+    recipes = diagnosis_recipes([2, 8], 128, [["wanda", 0.5]], [["svd_llm", 0.2]])
+    assert {k: str(r) for k, r in recipes.items()} == {
+        "RTN 2-bit": "rtn:2bit", "RTN 8-bit": "rtn:8bit", "wanda 50%": "wanda@0.5", "svd_llm 20%": "svd_llm@0.2"}
+    assert list(diagnosis_recipes([3], 64)) == ["RTN 3-bit g64"] and short_label("wanda@2:4") == "wanda 2:4"
+    assert short_label("wanda@0.5 > rtn:4bit") == Recipe.parse("wanda@0.5 > rtn:4bit").label
+    assert quant_bits_of("rtn:2bit") == 2 and quant_bits_of("wanda@0.5") is None and quant_bits_of(None) is None
+    with pytest.raises(MPTError, match="wandaa"):
+        diagnosis_recipes(prune_points=[["wandaa", 0.5]])
+    with pytest.raises(MPTError, match="listed twice"):
+        diagnosis_recipes([2, 2])
+
+
+def _diagnostic_session(tmp_path, loader) -> DiagnosticSession:
+    store = ResultsStore(tmp_path / "store")
+    return DiagnosticSession("tiny-llama", store, n_facts=2, probe_size=2, calib_windows=2, calib_seqlen=32,
+                             ppl_windows=1, k=4, device="cpu",
+                             session=Session("tiny-llama", store, device="cpu", loader=loader))
+
+
+def test_a_diagnosis_point_is_the_engines_recipe_and_a_rerun_reads_it(tmp_path):
+    loads = []
+
+    def loader():
+        loads.append(1)
+        return tiny_model("llama", seed=0, layers=N_LAYERS)
+
+    diag = _diagnostic_session(tmp_path, loader)
+    seen, run = [], diag._diagnose
+
+    def spy(model, **kw):  # the model the point diagnoses
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return run(model, **kw)
+
+    diag._diagnose = spy
+    recipe = "wanda@0.5 > rtn:4bit/g32"
+    first = diag.point(recipe, inject=False, patch=False)
+    by_hand = copy.deepcopy(diag.dense)
+    apply_recipe(by_hand, recipe, diag.session.calib_ids("embedded-wiki", 2, 32, 0))
+    assert len(seen) == 1 and seen[0].keys() == by_hand.state_dict().keys()
+    assert all(torch.equal(seen[0][k], v) for k, v in by_hand.state_dict().items())
+    assert not all(torch.equal(seen[0][k], v) for k, v in diag.dense.state_dict().items())  # the dense one is kept
+    assert first["quality"].ppl.iloc[0] > 0 and loads == [1]
+    key = {**point_config(diag.protocol, recipe), "kind": "failure_modes",
+           **diag.diagnosis_settings(inject=False, patch=False)}
+    assert diag.store.load(key) is not None  # stored under the engine's recipe key
+
+    # a fresh session finds the point under the recipe's key: nothing loaded, nothing compressed
+    again = _diagnostic_session(tmp_path, lambda: pytest.fail("a stored diagnosis loaded the model"))
+    back = again.point(" wanda@0.5  ->  rtn:4bit/g32 ", inject=False, patch=False)
+    assert back.label == first.label and repr(sorted(back.evidence.items())) == repr(sorted(first.evidence.items()))
+    pd.testing.assert_frame_equal(back["similarity"], first["similarity"])
+
+
+def test_a_bad_recipe_fails_before_any_model_loads(tmp_path):
+    diag = _diagnostic_session(tmp_path, lambda: pytest.fail("a bad recipe loaded the model"))
+    for bad in ("wanda@1.5", "rtn:9bit", "rtn:4bit > wanda@0.5", "wanda@0.5 > gguf:Q4_0"):
+        with pytest.raises(MPTError):
+            diag.point(bad)
+    assert not diag.session.is_loaded

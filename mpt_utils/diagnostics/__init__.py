@@ -2,7 +2,8 @@
 
 Implements the analyses of "From Signal Degradation to Computation Collapse: Uncovering the Two
 Failure Modes of LLM Quantization" (arXiv:2604.19884) for any compressed copy of a dense model
-(quantized, pruned or low-rank), on factual-recall prompts with paraphrases:
+(quantized, pruned or low-rank: a compression recipe, `mpt_utils.recipe`, applied by the one engine),
+on factual-recall prompts with paraphrases:
 
 - `logit_lens`: per block, KL of the intermediate next-token distribution to the dense final one,
   and the rank / probability of the correct answer;
@@ -14,7 +15,9 @@ Failure Modes of LLM Quantization" (arXiv:2604.19884) for any compressed copy of
   blocks kept dense inside the compressed model);
 - `answer_table` / `pararel_metrics`: failure and robust subsets, ParaRel-style consistency;
 - `classify_failure`: the label and its evidence row (thresholds in `classify`);
-- `diagnose` / `diagnose_point`: all of it for one pair, through the results store.
+- `diagnose` / `diagnose_point`: all of it for one pair, through the results store;
+- `session.DiagnosticSession`: one model's prompt suite and a diagnosis point per recipe
+  (`point("rtn:2bit")`), stored under the recipe's key.
 """
 
 from mpt_utils.diagnostics.classify import (
@@ -25,7 +28,6 @@ from mpt_utils.diagnostics.classify import (
     classify_failure,
     failure_evidence,
 )
-from mpt_utils.diagnostics.compress import Setting, compressed_copy, lowrank, prune, quant
 from mpt_utils.diagnostics.internals import attention_entropy, gate_flip_rate, normalized_entropy
 from mpt_utils.diagnostics.lens import logit_lens
 from mpt_utils.diagnostics.patching import activation_patching, heatmap_frame, restore_sites, top_sites
@@ -39,10 +41,10 @@ from mpt_utils.diagnostics.synthetic import broken_block, distributed_noise
 
 __all__ = [
     "COMPUTATION_COLLAPSE", "LABELS", "NO_FAILURE", "PARTS", "SIGNAL_DEGRADATION", "Diagnosis", "FactPrompt",
-    "PromptBatch", "Setting", "Trace", "activation_patching", "answer_table", "attention_entropy", "broken_block",
-    "classify_failure", "compressed_copy", "diagnose", "diagnose_point", "distributed_noise", "encode_prompts",
+    "PromptBatch", "Trace", "activation_patching", "answer_table", "attention_entropy", "broken_block",
+    "classify_failure", "diagnose", "diagnose_point", "distributed_noise", "encode_prompts",
     "factual_suite", "failure_evidence", "frame_rows", "gate_flip_rate", "heatmap_frame",
-    "high_precision_injection", "layer_sensitivity", "linear_cka", "logit_lens", "lowrank", "normalized_entropy",
-    "pararel_metrics", "prune", "quant", "representation_similarity", "restore_sites", "rows_frame", "rtn_block",
+    "high_precision_injection", "layer_sensitivity", "linear_cka", "logit_lens", "normalized_entropy",
+    "pararel_metrics", "representation_similarity", "restore_sites", "rows_frame", "rtn_block",
     "run_from", "subset_indices", "subspace_similarity", "top_sites", "trace",
 ]

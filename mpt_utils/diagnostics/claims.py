@@ -21,6 +21,9 @@ GATE_FLIP_CLAIM = 0.80  # gate flip rate the paper reports approached at 2 bits
 EARLY_SHARE = 1 / 3  # "early layers" = the first third of the blocks
 ROSE = 0.02  # mean normalised entropy must rise by this much over the dense model to count as flattening
 PPL_JUMP = 2.0  # perplexity at least this many times the dense one: the model's own quality transition
+# a recipe step's family (`mpt_utils.recipe`) -> the family of the published PTP table
+PUBLISHED_FAMILY = {"quant": "quantization", "prune": "unstructured", "lowrank": "lowrank", "structured": "structured"}
+FAMILY_NAMES = {"quant": "quantization", "prune": "pruning"}  # how the onset table writes a family
 
 
 def _fmt(x: float, pct: bool = False) -> str:
@@ -120,24 +123,26 @@ def collapse_onset(points: pd.DataFrame, claims: pd.DataFrame) -> pd.DataFrame:
     Collapse, and whether that onset falls in the published PTP range; with a `ppl_vs_dense`
     column also the first setting whose perplexity reached PPL_JUMP × dense (this model's own quality
     transition at the resolution of the settings) and whether both onsets are the same setting.
-    `points` needs columns family, method, bits, ratio, label; `claims` is the published
-    `perspective_ptp_claims` table."""
+    `points` needs columns family (a recipe step's: quant, prune, lowrank, structured; other families
+    are skipped), method, bits, ratio, label; `claims` is the published `perspective_ptp_claims` table."""
     rows = []
     for (family, method), part in points.groupby(["family", "method"], sort=False):
-        if family == "quantization":
+        if family not in PUBLISHED_FAMILY:
+            continue
+        if family == "quant":
             part = part.assign(level=-part["bits"].astype(float)).sort_values("level")
             claim = claims[claims.family == "quantization"]
             fmt = lambda v: f"{-v:g} bits"  # noqa: E731
         else:
             part = part.assign(level=part["ratio"].astype(float)).sort_values("level")
-            fam = "unstructured" if family == "pruning" else family
+            fam = PUBLISHED_FAMILY[family]
             names = {"svd_llm": "SVD-LLM", "asvd": "ASVD"}
             claim = claims[(claims.family == fam) & claims.method.isin(["*", names.get(method, method)])]
             fmt = lambda v: f"{v:.0%}"  # noqa: E731
         if claim.empty:
             continue
         lo, hi = float(claim.lo.iloc[0]), float(claim.hi.iloc[0])
-        if family == "quantization":
+        if family == "quant":
             lo, hi = -hi, -lo
         levels, labels = part.level.tolist(), part.label.tolist()
         first = next((i for i, lab in enumerate(labels) if lab == COMPUTATION_COLLAPSE), None)
@@ -155,8 +160,8 @@ def collapse_onset(points: pd.DataFrame, claims: pd.DataFrame) -> pd.DataFrame:
                 verdict = "collapse sets in before the published PTP"
             else:
                 verdict = "collapse sets in after the published PTP"
-        ptp = (f"{-hi:g}-{-lo:g} bits" if family == "quantization" else f"{lo:.0%}-{hi:.0%}")
-        row = {"family": family, "method": method,
+        ptp = (f"{-hi:g}-{-lo:g} bits" if family == "quant" else f"{lo:.0%}-{hi:.0%}")
+        row = {"family": FAMILY_NAMES.get(family, family), "method": method,
                "settings": ", ".join(f"{fmt(v)}: {lab}" for v, lab in zip(levels, labels)),
                "published PTP": ptp, "collapse onset": onset, "verdict": verdict}
         if "ppl_vs_dense" in part:
