@@ -160,8 +160,9 @@ class _ModelGrid:
 
         def measure(model: nn.Module, bench: Any) -> list[dict[str, Any]]:
             rows = ce_rows(model, session.tokenizer, s.eval_data, s.seqlen, s.max_eval_windows, s.device)
-            if Recipe.parse(recipe):
+            if Recipe.parse(recipe):  # a pruned model's sizes are its recipe point's step report
                 return rows
+            # the dense model has no step report: its size is counted here
             return [{**r, "param_reduction": 0.0, "block_reduction": 0.0, "n_params": _count(model)} for r in rows]
 
         return session.measure(recipe, self.protocol, "ce", s.ce_settings(), measure)
@@ -180,6 +181,7 @@ class _ModelGrid:
                             **{k: v for k, v in s.rft.items() if k != "epochs"})
             self.say(f"{self.name} {recipe} D={tokens}: train loss {info['train_loss_before']:.3f} -> "
                      f"{info['train_loss_after']:.3f} in {info['rft_seconds']:.0f} s")
+            # every stored row's kind is "rft": what each one scores is kept as `measured`
             out = [{**r, "measured": "ce"} for r in ce_rows(model, session.tokenizer, s.eval_data, s.seqlen,
                                                           s.max_eval_windows, s.device)]
             out += [{**r, "measured": "downstream"} for r in (_downstream(model, session.tokenizer, s) if s.tasks
