@@ -21,8 +21,8 @@ from mpt_utils.errors import MPTError
 
 # The modules that define a family's registry; each registry then finds its own method modules.
 REGISTRY_MODULES = ("mpt_utils.prune", "mpt_utils.prune.structured", "mpt_utils.quant", "mpt_utils.lowrank",
-                    "mpt_utils.quant.gguf.ladder", "mpt_utils.laws.prunenet")
-FAMILY_ORDER = ("prune", "structured", "quant", "lowrank", "gguf", "laws")  # listings and messages
+                    "mpt_utils.quant.gguf.ladder")
+FAMILY_ORDER = ("prune", "structured", "quant", "lowrank", "gguf")  # listings and messages
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,8 @@ class MethodInfo:
     `kind` is its registry's wording ("pruning method"), used in messages and the version lock.
     `paper_name` is the name the papers print when it differs from `display`; a method that wraps a
     base method (OWL, DSnoT) maps each base to the name of that pairing. `mode` is the low-rank mode
-    (I: weight-dominant, II: activation-centric), None elsewhere. `version_in_config`: the method's
-    sweep writes the version into each point's config itself, so the store leaves it out of the inputs.
-    `traits` are the family's own extras (pruning: updates_weights, supports_nm, allocate; quantization:
-    fixed_bits)."""
+    (I: weight-dominant, II: activation-centric), None elsewhere. `traits` are the family's own extras
+    (pruning: updates_weights, supports_nm, allocate; quantization: fixed_bits)."""
 
     kind: str
     name: str
@@ -46,7 +44,6 @@ class MethodInfo:
     calibration: bool
     paper_name: str | Mapping[str, str] | None = None
     mode: str | None = None
-    version_in_config: bool = False
     traits: Mapping[str, Any] = field(default_factory=dict)
 
     def paper(self, base: str | None = None) -> str | None:

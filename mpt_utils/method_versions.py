@@ -49,8 +49,7 @@ def config_versions(config: Mapping[str, Any]) -> dict[str, int]:
     'owl:sparsegpt' count each part) and `registry_method` (when `method` is a display label)."""
     names = _names(config.get("method")) + _names(config.get("registry_method"))
     load_all()
-    # a method that writes its version into its points' configs is keyed there, not here
-    found = {n: CATALOGUE[n].version for n in names if n in CATALOGUE and not CATALOGUE[n].version_in_config}
+    found = {n: CATALOGUE[n].version for n in names if n in CATALOGUE}
     return dict(sorted(found.items()))
 
 

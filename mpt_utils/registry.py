@@ -85,8 +85,7 @@ class Registry(Generic[F]):
 
     def register(self, name: str, *, version: int, display: str, calibration: bool,
                  paper_name: str | Mapping[str, str] | None = None, mode: str | None = None,
-                 sources: Iterable[str] = (), version_in_config: bool = False,
-                 **traits: Any) -> Callable[[Callable], Callable]:
+                 sources: Iterable[str] = (), **traits: Any) -> Callable[[Callable], Callable]:
         """Decorator: register `fn` under `name` with all its traits (see `MethodInfo`). `version`
         covers the code of `fn`'s module plus the modules named in `sources`; `calibration`: it
         needs calibration windows; `display`: its name in tables and figures."""
@@ -104,8 +103,7 @@ class Registry(Generic[F]):
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             info = MethodInfo(self.kind, name, version, tuple(dict.fromkeys((fn.__module__, *sources))),
-                              self.family, display, calibration, paper_name, mode, version_in_config,
-                              {**self.traits, **traits})
+                              self.family, display, calibration, paper_name, mode, {**self.traits, **traits})
             record(info)
             self._infos[name] = info
             self._items[name] = self._wrap(info, fn) if self._wrap else fn

@@ -174,13 +174,15 @@ def test_register_refuses_incomplete_or_unknown_traits(probe_package):
         PROBES.register("probe_x", version=1, display="X", mode="II")  # calibration left out
 
 
-def test_a_method_versioned_in_its_config_stays_out_of_the_store_inputs():
+def test_random_prunenet_is_a_calibration_free_structured_method_versioned_like_the_others():
     from mpt_utils.method_versions import config_versions
+    from mpt_utils.recipe import Recipe
 
     info = method_info("random_prunenet")
-    assert info.version_in_config and not info.calibration and info.family == "laws"
-    assert config_versions({"method": "random_prunenet", "method_version": info.version}) == {}
-    assert config_versions({"method": "slicegpt"}) == {"slicegpt": method_info("slicegpt").version}
+    assert info.family == "structured" and not info.calibration and info.display == "RandomPruneNet"
+    assert config_versions({"method": "random_prunenet"}) == {"random_prunenet": info.version}
+    step = Recipe.parse("random_prunenet@0.3").key()["steps"][0]
+    assert (step["family"], step["version"]) == ("structured", info.version)
 
 
 def test_readme_methods_table_lists_every_method():

@@ -1,5 +1,6 @@
 """Compression laws (mpt_utils.laws): the OLS law fit, r-shape selection, RandomPruneNet, LoRA RFT on
-a token budget, stored RFT points, the chunked GGUF assembly and bits per byte. Tiny models only."""
+a token budget, the grid as recipe points and measurements of one session per model, the chunked GGUF
+assembly and bits per byte. Tiny models only."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from mpt_utils.errors import MPTError
 from mpt_utils.laws import assets
 from mpt_utils.laws.critical import crossing, recovery_fraction
 from mpt_utils.laws.fit import fit_law, law_predict
-from mpt_utils.laws.prunenet import kept_channels, random_prunenet
 from mpt_utils.laws.shape import compare_shapes
+from mpt_utils.prune.structured.random_prunenet import kept_channels, random_prunenet
 from mpt_utils.testing import tiny_model
 
 TRUE = {"alpha": 0.9, "beta": 1.8, "gamma": 0.35}
@@ -81,9 +82,13 @@ def test_shape_selection_finds_the_generating_curve():
 def test_random_prunenet_removes_the_stated_share_and_is_reproducible():
     a, b, c = (tiny_model("llama", seed=0).model for _ in range(3))
     before = sum(p.numel() for p in a.parameters())
+    dense_gates = [layer.mlp.gate_proj.weight.clone() for layer in a.model.layers]
     d_ff = a.config.intermediate_size
     detail = random_prunenet(a, 0.6, seed=3)
     keep = kept_channels(d_ff, 0.6)
+    gen = torch.Generator().manual_seed(3)  # one permutation per block, in block order, from one stream
+    for gate, layer in zip(dense_gates, a.model.layers):
+        assert torch.equal(layer.mlp.gate_proj.weight, gate[torch.randperm(d_ff, generator=gen)[:keep].sort().values])
     assert keep == int(0.4 * d_ff)
     assert all(layer.mlp.gate_proj.out_features == keep for layer in a.model.layers)
     assert detail["ffn_channel_reduction"] == pytest.approx(1 - keep / d_ff)
@@ -155,7 +160,8 @@ def test_lora_rft_point_is_stored_and_resumed(corpus, tmp_path, monkeypatch):
     assert (rft["tokens"] == 256).all()
     configs = [c for c in (pd.read_json(p, typ="series")["config"] for p in store.points.glob("*.json"))
                if c.get("kind") == "rft"]
-    assert len(configs) == 1 and configs[0]["recovery"] == "lora_rft" and configs[0]["tokens"] == 256
+    assert len(configs) == 1 and configs[0]["recipe"] == "random_prunenet@0.5" and configs[0]["tokens"] == 256
+    assert configs[0]["rft"]["data"] == corpus and configs[0]["eval"] == [corpus]
     again = sweep.law_sweep(models, store, settings, methods=["random_prunenet"], log=None)
     assert len(calls) == 1  # resumed from the store, nothing retrained
     key = ["kind", "method", "ratio", "tokens", "metric"]
@@ -179,6 +185,89 @@ def test_law_points_and_fit_from_sweep_rows(corpus, tmp_path):
     assert (points["L0"] > 0).all()
     fits = analysis.fit_laws(points)
     assert set(fits[("random_prunenet", "intrinsic")].coef) == {"alpha", "beta", "gamma"}
+
+
+def _law_settings(corpus, **kw):
+    from mpt_utils.laws.sweep import LawSettings
+
+    base = dict(eval_data=[corpus], calib_data=corpus, seqlen=32, n_calib=4, max_eval_windows=2, ratios=[0.3, 0.6],
+                tokens=[], tasks=None, seed=0, device="cpu")
+    return LawSettings(**{**base, **kw})
+
+
+def test_a_recipe_point_is_random_prunenet_called_by_hand_on_a_copy(corpus, tmp_path):
+    import copy
+
+    from mpt_utils.laws.intrinsic import ce_rows
+    from mpt_utils.laws.sweep import law_sweep
+    from mpt_utils.recipe import Recipe
+    from mpt_utils.session import Session
+    from mpt_utils.store import ResultsStore
+
+    settings = _law_settings(corpus, ratios=[0.6])
+    session = Session("tiny-llama", ResultsStore(tmp_path / "s"), device="cpu", loaded=tiny_model("llama", seed=0))
+    rows = law_sweep({"tiny-llama": session}, session.store, settings, methods=["random_prunenet"], log=None)
+    by_hand = copy.deepcopy(session.dense)
+    detail = random_prunenet(by_hand, 0.6, seed=0)
+    model, reports = session.bench(settings.protocol("tiny-llama")).compressed_model(Recipe.parse("random_prunenet@0.6"))
+    assert reports[0]["detail"]["kept_channels"] == detail["kept_channels"]
+    for ours, theirs in zip(model.model.layers, by_hand.model.layers):  # the same channels, in the same order
+        assert torch.equal(ours.mlp.gate_proj.weight, theirs.mlp.gate_proj.weight)
+        assert torch.equal(ours.mlp.down_proj.weight, theirs.mlp.down_proj.weight)
+    expected = next(r["value"] for r in ce_rows(by_hand, session.tokenizer, [corpus], 32, 2) if r["metric"] == "ce")
+    ce = rows[(rows.method == "random_prunenet") & (rows.kind == "ce") & (rows.metric == "ce")]
+    assert ce.value.tolist() == [expected]  # bit for bit
+    assert ce.param_reduction.item() == detail["param_reduction"] and ce.n_params.item() == detail["n_params"]
+    dense = rows[(rows.method == "dense") & (rows.metric == "ce")]
+    assert dense.n_params.item() == sum(p.numel() for p in session.dense.parameters())
+    assert dense.value.item() < ce.value.item()
+
+
+def test_a_finished_sweep_loads_and_prunes_nothing_when_rerun(corpus, tmp_path, monkeypatch):
+    import mpt_utils.prune.structured as structured
+    from mpt_utils.laws.sweep import law_sweep
+    from mpt_utils.store import ResultsStore
+
+    loads, pruned = [], []
+    real = structured.structured_prune
+    monkeypatch.setattr(structured, "structured_prune", lambda *a, **k: pruned.append(a[1:3]) or real(*a, **k))
+    loaded = tiny_model("llama", seed=0)
+
+    def loader():
+        loads.append(1)
+        return loaded
+
+    settings = _law_settings(corpus, tokens=[64], rft_ratios=[0.3], rft={"seqlen": 32, "batch_size": 2},
+                             speed_ratios=[0.6], speed={"seqlen": 16, "rounds": 1})
+    store = ResultsStore(tmp_path / "s")
+    first = law_sweep({"tiny-llama": loader}, store, settings, log=None)
+    # one pruned model per (method, ratio) serves its recipe point, ce, RFT and the speed run
+    assert loads == [1] and sorted(pruned) == [("random_prunenet", 0.3), ("random_prunenet", 0.6),
+                                               ("slicegpt", 0.3), ("slicegpt", 0.6)]
+    assert set(first.kind) == {"ce", "speed"} and first.recovered.any()
+    assert set(first[first.kind == "speed"].ratio) == {0.0, 0.6}
+    n_points = len(list(store.points.glob("*.json")))
+    again = law_sweep({"tiny-llama": loader}, store, settings, log=None)
+    assert loads == [1] and len(pruned) == 4  # read back: nothing loaded, nothing pruned
+    assert len(list(store.points.glob("*.json"))) == n_points
+    key = ["kind", "method", "ratio", "tokens", "data", "metric"]
+    pd.testing.assert_frame_equal(first.sort_values(key).reset_index(drop=True),
+                                  again.sort_values(key).reset_index(drop=True), check_like=True)
+
+
+def test_bad_methods_and_settings_fail_before_any_load(corpus, tmp_path):
+    from mpt_utils.laws.sweep import law_sweep
+    from mpt_utils.store import ResultsStore
+
+    loads = []
+    models = {"tiny-llama": lambda: loads.append(1) or tiny_model("llama")}
+    with pytest.raises(MPTError, match="unknown compression-law methods"):
+        law_sweep(models, ResultsStore(tmp_path / "s"), _law_settings(corpus), methods=["random_prunenet", "wanda"])
+    with pytest.raises(MPTError, match="unknown RFT settings"):
+        _law_settings(corpus, rft={"epochz": 2})
+    with pytest.raises(MPTError):
+        _law_settings(corpus, ratios=[1.2])
+    assert loads == [] and not list((tmp_path / "s" / "points").glob("*.json"))
 
 
 def test_unsupported_slicegpt_on_gemma3_blocks_is_named_before_work():

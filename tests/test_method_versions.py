@@ -13,12 +13,11 @@ from mpt_utils.store import ResultsStore
 
 FAMILIES = {"pruning method": {"magnitude", "wanda", "sparsegpt", "ria", "admm", "owl", "dsnot", "besa"},
             "structured pruning method": {"shortgpt", "sleb", "flap", "llm_pruner", "slicegpt", "random", "srad",
-                                          "shortened_llama", "loraprune", "sheared_llama"},
+                                          "shortened_llama", "loraprune", "sheared_llama", "random_prunenet"},
             "quantizer": {"rtn", "gptq", "awq", "smoothquant", "nf4", "fp4", "llm_int8"},
             "low-rank method": {"svd", "asvd", "svd_llm", "svd_llm_v2", "flat_llm", "modegpt", "lillama", "losparse",
                                 "sola"},
-            "GGUF ladder step": {"gguf", "gguf-roundtrip"},
-            "compression-law method": {"random_prunenet"}}
+            "GGUF ladder step": {"gguf", "gguf-roundtrip"}}
 
 
 def test_every_method_matches_the_lock():

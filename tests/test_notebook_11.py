@@ -21,3 +21,10 @@ def test_compression_laws_notebook_runs_on_tiny_models(tmp_path):
     assert any(f"{verdict}" in text for verdict in ("HOLDS", "DOES NOT HOLD", "INCONCLUSIVE"))
     for name in ("11_ce_vs_ratio", "11_accuracy_vs_ratio", "11_law_fit", "11_rft_budget", "11_speedup"):
         assert (tmp_path / "fig" / f"{name}.png").exists()
+    # every point is a recipe point or a measurement of one, keyed by the recipe (the speed run: its recipes)
+    configs = [json.loads(p.read_text())["config"] for p in (tmp_path / "store" / "points").glob("*.json")]
+    assert {"dense", "random_prunenet@0.3", "slicegpt@0.6"} <= {c.get("recipe") for c in configs}
+    assert {c.get("kind") for c in configs} == {None, "ce", "downstream", "rft", "speed"}
+    assert all(c.get("recipe") or c.get("points") for c in configs)
+    gemma = [c for c in configs if c["model"] == "tiny-gemma3_text"]
+    assert gemma and not any("slicegpt" in str(c.get("recipe") or c.get("points")) for c in gemma)

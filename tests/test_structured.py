@@ -16,6 +16,7 @@ from mpt_utils.testing import tiny_model
 
 WIDTH = ("flap", "llm_pruner", "random", "loraprune")
 DEPTH = ("shortgpt", "sleb", "srad", "shortened_llama")
+FFN = ("random_prunenet",)
 # methods that train: a few steps here (their reference budgets are thousands of steps)
 TRAINING = {"loraprune": {"steps": 4, "batch_size": 2, "micro_batch_size": 2, "prune_freq": 1},
             "sheared_llama": {"prune_steps": 4, "prune_batch_size": 2, "prune_micro_batch_size": 2,
@@ -77,6 +78,10 @@ def test_pruned_model_is_smaller_runs_and_counts_match(method, ratio, calib, pro
         assert res.block_reduction == pytest.approx(round(ratio * 4) / 4)
     elif method in WIDTH:
         assert res.block_reduction == pytest.approx(ratio, abs=0.03)  # the budget is hit in parameters
+    elif method in FFN:  # the ratio counts every block's MLP channels (PruneNet)
+        d_ff = dense.config.intermediate_size
+        assert {b.mlp.gate_proj.out_features for b in decoder_layers(model)} == {int((1 - ratio) * d_ff)}
+        assert model.config.intermediate_size == int((1 - ratio) * d_ff)
     else:
         assert model.get_input_embeddings().weight.shape[1] < 64  # the hidden size itself shrank
 

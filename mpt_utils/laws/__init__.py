@@ -6,10 +6,11 @@ Siddhant Chaudhary, Tanmoy Chakraborty; arXiv:2504.04342).
 
 Modules, one job each:
   assets     the chunked gemma3-270m GGUF (second embedded size) and loading models once
-  prunenet   RandomPruneNet: random FFN-channel slicing at the paper's compression ratio
   rft        LoRA recovery fine-tuning (rank 16, one epoch) on a budget of D tokens
   intrinsic  test cross-entropy per token and bits per byte
-  sweep      the stored grid (models × methods × ratios × D) through the results store
+  sweep      the grid (models × methods × ratios × D) as recipe points and measurements of one
+             session per model; RandomPruneNet is the structured method `random_prunenet`
+             (`mpt_utils.prune.structured.random_prunenet`)
   points     tidy law points with the dense L0 beside each
   fit        the OLS law fit with standard errors and R²
   shape      linear vs quadratic vs exponential in r, by AICc/BIC
@@ -23,10 +24,9 @@ from mpt_utils.laws.analysis import analyze, fit_laws, law_table
 from mpt_utils.laws.assets import assemble_embedded, load_models
 from mpt_utils.laws.fit import LawFit, fit_law
 from mpt_utils.laws.points import law_points
-from mpt_utils.laws.prunenet import random_prunenet
 from mpt_utils.laws.rft import lora_rft
 from mpt_utils.laws.shape import compare_shapes
 from mpt_utils.laws.sweep import LawSettings, law_sweep
 
 __all__ = ["LawFit", "LawSettings", "analyze", "assemble_embedded", "compare_shapes", "fit_law", "fit_laws",
-           "law_points", "law_sweep", "law_table", "load_models", "lora_rft", "random_prunenet"]
+           "law_points", "law_sweep", "law_table", "load_models", "lora_rft"]

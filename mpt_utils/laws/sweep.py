@@ -1,47 +1,55 @@
-"""The stored experiment grid of the compression laws: base models × methods × ratios × RFT budgets.
+"""The stored experiment grid of the compression laws: base models × methods × ratios × RFT budgets,
+on the recipe engine.
 
-Every point goes through `ResultsStore.get_or_compute`, so a rerun only reads the store and an
-interrupted run resumes. Points (config `kind`):
+Each (base model, method, ratio) is the one-step recipe `random_prunenet@r` / `slicegpt@r` on the
+protocol `LawSettings.protocol(model)` (a `combined.grid.GridSetup`: the first evaluation corpus,
+the calibration corpus, seqlen, n_calib, max_eval_windows, seed) of one `Session` per base model.
+The recipe's point (`Session.point`: perplexity and KL on the first corpus, the sizes, the step
+report) is stored once under the recipe key; the laws read other measurements of the same pruned
+model, each a `Session.measure` point (`kind`, with the settings it depends on):
 
-  ce          test cross-entropy and bits per byte on each evaluation corpus (dense: method "dense")
-  downstream  the offline downstream suite (accuracy with chance) through `evaluate_downstream`
-  rft         LoRA recovery on D tokens ("recovery": "lora_rft", "tokens": D), then ce + downstream
-  speed       prefill tokens/s of the dense model and every pruned one, timed side by side in one run
+  ce          test cross-entropy and bits per byte on each evaluation corpus ("eval": the corpora)
+  downstream  the offline downstream suite (accuracy with chance), `prune.structured.sweep.downstream_point`
+  rft         LoRA recovery on D tokens ("tokens", "rft" settings), then ce + downstream of the recovered model
 
-Methods: `random_prunenet` (calibration-free, this package) and `slicegpt` (calibration-based, the
-suite's `mpt_utils.prune.structured`). Each pruned model is built once per (model, method, ratio)
-and only when some point of it is missing; RFT trains on a copy, so the pruned model is reused.
+The dense model's are the same measurements of the recipe "dense". One more stored point per (model,
+method) times prefill tokens/s of the dense model and every pruned one side by side ("speed").
+
+Methods: `random_prunenet` (calibration-free) and `slicegpt` (calibration-based), both structured
+methods of `mpt_utils.prune.structured`. The session prunes each model once and only when a point of it
+is missing (a finished grid loads and prunes nothing); RFT trains on a private copy, so the pruned
+model serves every budget. The methods draw no random numbers from the protocol's `seed`, which sets
+the calibration windows and the RFT and downstream draws (RandomPruneNet's channels come from its own
+seed, 0).
 """
 
 from __future__ import annotations
 
-import copy
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-import torch
 from torch import nn
 
-from mpt_utils.catalogue import method_info
-from mpt_utils.data import calibration_windows
+from mpt_utils.combined.grid import GridSetup, point_config, step_reports
 from mpt_utils.errors import MPTError, check_ratio
-from mpt_utils.laws import prunenet
 from mpt_utils.laws.intrinsic import ce_rows
 from mpt_utils.laws.rft import DEFAULTS as RFT_DEFAULTS
-from mpt_utils.laws.rft import RECOVERY, lora_rft
+from mpt_utils.laws.rft import lora_rft
 from mpt_utils.models import LoadedModel
+from mpt_utils.recipe import Recipe, Step
+from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
 
 FAMILY = "compression_laws"
 METHODS = ("random_prunenet", "slicegpt")
+SIZES = ("param_reduction", "block_reduction", "n_params")
 
 
 @dataclass
 class LawSettings:
-    """Everything that defines the grid's numbers (it goes into each point's config)."""
+    """Everything that defines the grid's numbers (the protocol and each measurement's settings)."""
 
     eval_data: list[str]
     calib_data: str
@@ -65,6 +73,8 @@ class LawSettings:
     def __post_init__(self):
         if isinstance(self.eval_data, str):
             self.eval_data = [self.eval_data]
+        if not self.eval_data:
+            raise MPTError("no evaluation corpus given", "pass eval_data=['embedded-wiki']")
         for r in [*self.ratios, *self.curve_ratios, *(self.rft_ratios or []), *self.speed_ratios]:
             check_ratio(r)
         unknown = set(self.rft) - set(RFT_DEFAULTS)
@@ -76,27 +86,27 @@ class LawSettings:
     def all_ratios(self) -> list[float]:
         return sorted({float(r) for r in [*self.ratios, *self.curve_ratios, *self.speed_ratios]} - {0.0})
 
-    def base(self, model: str, method: str, ratio: float) -> dict[str, Any]:
-        cfg = {"model": model, "method": method, "family": FAMILY, "ratio": float(ratio), "bits": None,
-               "seed": self.seed, "device": self.device}
-        if method == "slicegpt":
-            cfg.update(data=self.calib_data, n_calib=self.n_calib, calib_seqlen=self.seqlen)
-        elif method == prunenet.METHOD:  # registered with version_in_config: versioned here
-            cfg["method_version"] = prunenet.LAW_METHODS.info(method).version
-        return cfg
+    def protocol(self, model: str) -> GridSetup:
+        """The recipe protocol of base model `model`: scored on the first evaluation corpus, calibrated
+        on `n_calib` windows of `seqlen` tokens of `calib_data`."""
+        return GridSetup(model=model, eval_data=self.eval_data[0], calib_data=self.calib_data, seqlen=self.seqlen,
+                         n_calib=self.n_calib, max_windows=self.max_eval_windows, seed=self.seed, device=self.device)
 
-    def ce_config(self, model: str, method: str, ratio: float) -> dict[str, Any]:
-        return {**self.base(model, method, ratio), "kind": "ce", "eval": list(self.eval_data), "seqlen": self.seqlen,
-                "max_eval_windows": self.max_eval_windows}
+    def ce_settings(self) -> dict[str, Any]:
+        return {"eval": list(self.eval_data)}
 
-    def downstream_config(self, model: str, method: str, ratio: float) -> dict[str, Any]:
-        return {**self.base(model, method, ratio), "kind": "downstream", "tasks": self.tasks, "limit": self.limit,
-                "backend": self.backend}
+    def downstream_settings(self) -> dict[str, Any]:
+        tasks = [self.tasks] if isinstance(self.tasks, str) else list(self.tasks or [])
+        return {"tasks": tasks, "limit": self.limit, "backend": self.backend}
 
-    def rft_config(self, model: str, method: str, ratio: float, tokens: int) -> dict[str, Any]:
-        ce, down = self.ce_config(model, method, ratio), self.downstream_config(model, method, ratio)
-        return {**ce, **down, "kind": "rft", "recovery": RECOVERY, "tokens": int(tokens),
-                "rft": {**self.rft, "data": self.calib_data}}
+    def rft_settings(self, tokens: int) -> dict[str, Any]:
+        down = self.downstream_settings() if self.tasks else {"tasks": None}
+        return {**self.ce_settings(), **down, "tokens": int(tokens), "rft": {**self.rft, "data": self.calib_data}}
+
+
+def recipe_of(method: str, ratio: float) -> str:
+    """The one-step recipe of a law point (`random_prunenet@0.3`)."""
+    return str(Recipe((Step.of(method, float(ratio)),)))
 
 
 def unsupported(method: str, model: nn.Module) -> str | None:
@@ -118,29 +128,6 @@ def unsupported(method: str, model: nn.Module) -> str | None:
     return None
 
 
-def prune_copy(dense: nn.Module, method: str, ratio: float, *, calib_ids: torch.Tensor | None = None,
-               seed: int = 0, cache: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """A pruned deep copy of `dense` and what was removed (measured on its tensors)."""
-    from mpt_utils.prune.structured import structured_prune
-
-    model = copy.deepcopy(dense)
-    start = time.perf_counter()
-    if method == prunenet.METHOD:
-        detail = prunenet.random_prunenet(model, ratio, seed=seed)
-    elif method == "slicegpt":
-        res = structured_prune(model, "slicegpt", ratio, calib_ids, cache=cache, seed=seed, progress=False)
-        detail = {"param_reduction": res.param_reduction, "block_reduction": res.block_reduction,
-                  "n_params": res.params_after, **res.detail}
-    else:
-        raise MPTError(f"unknown compression-law method {method!r}", f"use one of {METHODS}")
-    detail["prune_seconds"] = time.perf_counter() - start
-    return model, detail
-
-
-def _size(detail: dict[str, Any]) -> dict[str, Any]:
-    return {k: detail.get(k) for k in ("param_reduction", "block_reduction", "n_params")}
-
-
 def _downstream(model: nn.Module, tokenizer, settings: LawSettings) -> list[dict[str, Any]]:
     from mpt_utils.eval.downstream import evaluate_downstream
 
@@ -149,138 +136,163 @@ def _downstream(model: nn.Module, tokenizer, settings: LawSettings) -> list[dict
     return [r for r in rows if r.get("level", "task") == "task"]
 
 
-class _ModelGrid:
-    """The points of one base model. A pruned model is built only when a point of it is missing (a
-    finished grid only reads the store); the calibration set is drawn once per model."""
+def _sizes(scored: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the point's pruning step removed, measured on the tensors (its step report)."""
+    report = step_reports(scored)[0]
+    return {"param_reduction": report["param_reduction"], "block_reduction": report["block_reduction"],
+            "n_params": report["params_after"], "prune_seconds": report["seconds"]}
 
-    def __init__(self, name: str, loaded: LoadedModel, store: ResultsStore, settings: LawSettings,
-                 say: Callable[[str], None]):
-        self.name, self.dense, self.tok = name, loaded.model, loaded.tokenizer
-        self.store, self.settings, self.say = store, settings, say
-        self.dense_size = {"param_reduction": 0.0, "block_reduction": 0.0, "n_params": loaded.info.n_params}
-        self.calib: torch.Tensor | None = None
-        self.cache: dict = {}  # SliceGPT statistics of the dense model, shared across ratios
-        self.pruned: tuple[nn.Module, dict] | None = None
+
+class _ModelGrid:
+    """The law points of one base model on its session; rows tagged as the laws read them."""
+
+    def __init__(self, name: str, session: Session, settings: LawSettings, say: Callable[[str], None]):
+        self.name, self.session, self.settings, self.say = name, session, settings, say
+        self.protocol = settings.protocol(name)
         self.rows: list[dict[str, Any]] = []
 
-    def add(self, point: list[dict], **tags: Any) -> None:
-        self.rows.extend({**r, **tags} for r in point)
+    def add(self, point: list[dict[str, Any]], method: str, ratio: float, **tags: Any) -> None:
+        self.rows.extend({"tokens": 0, "recovered": False, **r, "model": self.name, "family": FAMILY, "bits": None,
+                          "method": method, "ratio": float(ratio), **tags} for r in point)
 
-    def ce(self, model: nn.Module) -> list[dict[str, Any]]:
-        s = self.settings
-        return ce_rows(model, self.tok, s.eval_data, s.seqlen, s.max_eval_windows, s.device)
+    def ce(self, recipe: str) -> list[dict[str, Any]]:
+        s, session = self.settings, self.session
 
-    def calib_ids(self, method: str) -> torch.Tensor | None:
-        if not method_info(method).calibration:
-            return None
-        if self.calib is None:
-            s = self.settings
-            self.calib = calibration_windows(self.tok, s.calib_data, s.n_calib, s.seqlen, s.seed, model=self.dense)
-        return self.calib
+        def measure(model: nn.Module, bench: Any) -> list[dict[str, Any]]:
+            rows = ce_rows(model, session.tokenizer, s.eval_data, s.seqlen, s.max_eval_windows, s.device)
+            if Recipe.parse(recipe):  # a pruned model's sizes are its recipe point's step report
+                return rows
+            # the dense model has no step report: its size is counted here
+            return [{**r, "param_reduction": 0.0, "block_reduction": 0.0, "n_params": _count(model)} for r in rows]
 
-    def get_pruned(self, method: str, ratio: float) -> tuple[nn.Module, dict]:
-        if self.pruned is None:
-            self.pruned = prune_copy(self.dense, method, ratio, calib_ids=self.calib_ids(method),
-                                     seed=self.settings.seed, cache=self.cache)
-        return self.pruned
+        return session.measure(recipe, self.protocol, "ce", s.ce_settings(), measure)
 
-    def dense_points(self) -> None:
-        s = self.settings
-        self.add(self.store.get_or_compute(s.ce_config(self.name, "dense", 0.0), lambda: [
-            {**r, **self.dense_size} for r in self.ce(self.dense)]), kind="ce", tokens=0, recovered=False)
-        if s.ratios and s.tasks:
-            self.add(self.store.get_or_compute(s.downstream_config(self.name, "dense", 0.0), lambda: [
-                {**r, **self.dense_size} for r in _downstream(self.dense, self.tok, s)]),
-                kind="downstream", tokens=0, recovered=False)
+    def downstream(self, recipe: str) -> list[dict[str, Any]]:
+        from mpt_utils.prune.structured.sweep import downstream_point
 
-    def ce_point(self, method: str, ratio: float) -> list[dict[str, Any]]:
-        model, detail = self.get_pruned(method, ratio)
-        return [{**r, **_size(detail), "prune_seconds": detail["prune_seconds"]} for r in self.ce(model)]
+        rows = downstream_point(self.session, self.protocol, recipe, self.settings.downstream_settings())
+        return [r for r in rows if r.get("level", "task") == "task"]
 
-    def downstream_point(self, method: str, ratio: float, size: dict) -> list[dict[str, Any]]:
-        return [{**r, **size} for r in _downstream(self.get_pruned(method, ratio)[0], self.tok, self.settings)]
+    def rft(self, recipe: str, tokens: int) -> list[dict[str, Any]]:
+        s, session = self.settings, self.session
 
-    def rft_point(self, method: str, ratio: float, tokens: int, size: dict) -> list[dict[str, Any]]:
-        s = self.settings
-        model = copy.deepcopy(self.get_pruned(method, ratio)[0])  # the pruned model stays for other budgets
-        info = lora_rft(model, self.tok, int(tokens), s.calib_data, seed=s.seed, device=s.device,
-                        **{k: v for k, v in s.rft.items() if k != "epochs"})
-        self.say(f"{self.name} {method} r={ratio:g} D={tokens}: train loss {info['train_loss_before']:.3f} -> "
-                 f"{info['train_loss_after']:.3f} in {info['rft_seconds']:.0f} s")
-        out = [{**r, "kind": "ce"} for r in self.ce(model)]
-        out += [{**r, "kind": "downstream"} for r in (_downstream(model, self.tok, s) if s.tasks else [])]
-        return [{**r, **size, **info} for r in out]
+        def measure(model: nn.Module, bench: Any) -> list[dict[str, Any]]:
+            info = lora_rft(model, session.tokenizer, int(tokens), s.calib_data, seed=s.seed, device=s.device,
+                            **{k: v for k, v in s.rft.items() if k != "epochs"})
+            self.say(f"{self.name} {recipe} D={tokens}: train loss {info['train_loss_before']:.3f} -> "
+                     f"{info['train_loss_after']:.3f} in {info['rft_seconds']:.0f} s")
+            # every stored row's kind is "rft": what each one scores is kept as `measured`
+            out = [{**r, "measured": "ce"} for r in ce_rows(model, session.tokenizer, s.eval_data, s.seqlen,
+                                                          s.max_eval_windows, s.device)]
+            out += [{**r, "measured": "downstream"} for r in (_downstream(model, session.tokenizer, s) if s.tasks
+                                                              else [])]
+            return [{**r, **info} for r in out]
+
+        return session.measure(recipe, self.protocol, "rft", s.rft_settings(tokens), measure)
+
+    def dense_points(self) -> dict[str, Any]:
+        point = self.ce("dense")
+        size = {k: point[0][k] for k in SIZES}
+        self.add(point, "dense", 0.0)
+        if self.settings.ratios and self.settings.tasks:
+            self.add([{**r, **size} for r in self.downstream("dense")], "dense", 0.0)
+        return size
+
+    def supported(self, method: str) -> bool:
+        """Checks the architecture when the model is loaded, or is about to be: a method whose first
+        recipe point is stored was supported when it was computed, so a finished grid loads nothing."""
+        first = recipe_of(method, self.settings.all_ratios[0]) if self.settings.all_ratios else None
+        stored = first is not None and self.session.require_store().has(point_config(self.protocol, first))
+        why = None if stored and not self.session.is_loaded else unsupported(method, self.session.dense)
+        if why:
+            self.say(f"{self.name}: {method} skipped: {why}")
+        return why is None
 
     def method_points(self, method: str) -> None:
         s = self.settings
         rft_ratios = s.ratios if s.rft_ratios is None else s.rft_ratios
         if s.rft_models is not None and self.name not in s.rft_models:
             rft_ratios = []
-        speed_cfg = _speed_config(s, self.name, method)
-        need_speed = bool(s.speed_ratios) and not self.store.has(speed_cfg)
-        speed_models: dict[float, nn.Module] = {}
-        # each closure below runs inside get_or_compute at once, so binding the loop variables late is safe
         for ratio in s.all_ratios:
-            self.pruned = None
-            point = self.store.get_or_compute(s.ce_config(self.name, method, ratio),
-                                              lambda: self.ce_point(method, ratio))  # noqa: B023
-            size = _size(point[0])
-            self.add(point, kind="ce", tokens=0, recovered=False)
+            recipe = recipe_of(method, ratio)
+            size = _sizes(self.session.point(recipe, self.protocol))
+            self.add([{**r, **size} for r in self.ce(recipe)], method, ratio)
+            size.pop("prune_seconds")
             if ratio in s.ratios and s.tasks:
-                self.add(self.store.get_or_compute(s.downstream_config(self.name, method, ratio),
-                                                   lambda: self.downstream_point(method, ratio, size)),  # noqa: B023
-                         kind="downstream", tokens=0, recovered=False)
+                self.add([{**r, **size} for r in self.downstream(recipe)], method, ratio)
             for tokens in (s.tokens if ratio in rft_ratios else []):
-                point = self.store.get_or_compute(s.rft_config(self.name, method, ratio, tokens),
-                                                  lambda: self.rft_point(method, ratio, tokens, size))  # noqa: B023
-                self.rows.extend({**r, "tokens": r.get("tokens", tokens), "recovered": True} for r in point)
-            if need_speed and ratio in s.speed_ratios:
-                speed_models[ratio] = self.get_pruned(method, ratio)[0]
-        self.pruned = None
+                # each row carries the tokens actually trained on (its windows' tokens) as D
+                self.add([{**r, **size, "kind": r["measured"]} for r in self.rft(recipe, tokens)], method, ratio,
+                         recovered=True)
         if s.speed_ratios:
-            self.add(self.store.get_or_compute(speed_cfg, lambda: _speed_rows(self.dense, speed_models, s)),
-                     kind="speed", tokens=0, recovered=False)
+            self.rows.extend({**r, "model": self.name, "family": FAMILY, "bits": None, "method": method, "kind": "speed",
+                              "tokens": 0, "recovered": False} for r in self.speed(method))
+
+    def speed(self, method: str) -> list[dict[str, Any]]:
+        """Prefill tokens/s of the dense model and the method's model at every speed ratio, interleaved
+        in one measurement, stored as one point (its key: the protocol, each recipe's steps, the timing)."""
+        s, session = self.settings, self.session
+        recipes = {float(r): recipe_of(method, r) for r in sorted(s.speed_ratios)}
+        cfg = {k: v for k, v in self.protocol.config().items() if k not in ("data", "max_windows", "divergence_k")}
+        cfg.update(family=FAMILY, method="law_speed", kind="speed", ratio=None, device=s.device,
+                   points=list(recipes.values()), steps=[Recipe.parse(r).key()["steps"][0] for r in recipes.values()],
+                   registry_method=[method], speed=dict(s.speed), mode="prefill")
+
+        def compute() -> list[dict[str, Any]]:
+            from mpt_utils.eval.speed import measure_speed
+
+            bench = session.bench(self.protocol)
+            named = {"dense": bench.loaded.model,
+                     **{f"r={r:g}": bench.compressed_model(Recipe.parse(text))[0] for r, text in recipes.items()}}
+            results = measure_speed(named, mode="prefill", device=s.device, seed=s.seed, **s.speed)
+            ratio_of = {"dense": 0.0, **{f"r={r:g}": r for r in recipes}}
+            return [{"metric": "speedup", "value": res.speedup, "ratio": ratio_of[res.name],
+                     "tokens_per_s": res.tokens_per_s, "spread": res.spread, "n_params": res.n_params,
+                     "speed_device": res.device, "speed_seqlen": res.seqlen} for res in results]
+
+        return session.require_store().get_or_compute(cfg, compute)
 
 
-def law_sweep(models: dict[str, LoadedModel], store: ResultsStore, settings: LawSettings,
+def _count(model: nn.Module) -> int:
+    from mpt_utils.prune.structured.surgery import count_params
+
+    return count_params(model)
+
+
+ModelSource = LoadedModel | Session | Callable[[], Any]
+
+
+def _session(name: str, source: ModelSource, store: ResultsStore, settings: LawSettings) -> Session:
+    if isinstance(source, Session):
+        return source
+    if callable(source):
+        return Session(name, store, device=settings.device, loader=source)
+    return Session(name, store, device=settings.device, loaded=source)
+
+
+def law_sweep(models: Mapping[str, ModelSource], store: ResultsStore, settings: LawSettings,
               methods: list[str] | tuple[str, ...] = METHODS, log: Callable[[str], None] | None = print
               ) -> pd.DataFrame:
     """Run (or read back) the whole grid; returns every row with `model`, `method`, `ratio`, `tokens`
-    (0 = no RFT), `recovered` and `kind`. Methods a model cannot take are logged and skipped."""
+    (0 = no RFT), `recovered`, `kind` and the sizes (`param_reduction`, `block_reduction`, `n_params`).
+    `models`: name -> a loaded model (`load_models`), a loader returning one (called only when a point
+    is missing) or a `Session`. Methods a model cannot take are logged and skipped."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise MPTError(f"unknown compression-law methods {unknown}", f"use any of {METHODS}")
+    for method in methods:  # every recipe reads before any model is loaded
+        for ratio in settings.all_ratios:
+            recipe_of(method, ratio)
     say = log or (lambda _msg: None)
     rows: list[dict[str, Any]] = []
-    for name, loaded in models.items():
-        grid = _ModelGrid(name, loaded, store, settings, say)
+    for name, source in models.items():
+        grid = _ModelGrid(name, _session(name, source, store, settings), settings, say)
         grid.dense_points()
         for method in methods:
-            why = unsupported(method, loaded.model)
-            if why:
-                say(f"{name}: {method} skipped: {why}")
-                continue
-            grid.method_points(method)
+            if grid.supported(method):
+                grid.method_points(method)
         rows += grid.rows
     return pd.DataFrame(rows)
 
 
-def _speed_config(settings: LawSettings, model: str, method: str) -> dict[str, Any]:
-    return {**settings.base(model, method, 0.0), "ratio": None, "kind": "speed", "ratios": sorted(settings.speed_ratios),
-            "speed": dict(settings.speed), "mode": "prefill"}
-
-
-def _speed_rows(dense: nn.Module, pruned: dict[float, nn.Module], settings: LawSettings) -> list[dict[str, Any]]:
-    """Prefill tokens/s of the dense model and every pruned one, interleaved in one measurement."""
-    from mpt_utils.eval.speed import measure_speed
-
-    named = {"dense": dense, **{f"r={r:g}": m for r, m in sorted(pruned.items())}}
-    results = measure_speed(named, mode="prefill", device=settings.device, seed=settings.seed, **settings.speed)
-    ratio_of = {"dense": 0.0, **{f"r={r:g}": r for r in pruned}}
-    return [{"metric": "speedup", "value": res.speedup, "ratio": ratio_of[res.name], "tokens_per_s": res.tokens_per_s,
-             "spread": res.spread, "n_params": res.n_params, "speed_device": res.device, "speed_seqlen": res.seqlen}
-            for res in results]
-
-
-def settings_dict(settings: LawSettings) -> dict[str, Any]:
-    return asdict(settings)
+__all__ = ["FAMILY", "METHODS", "LawSettings", "law_sweep", "recipe_of", "unsupported"]

@@ -17,6 +17,7 @@ What `ratio` means, per method (the knob of each paper, as in Table 1):
   flap, llm_pruner,     fraction of decoder-block parameters removed (attention + MLP), with heads
   random                removed as whole KV groups under GQA
   slicegpt              fraction of the hidden size sliced away
+  random_prunenet       fraction of every block's MLP channels (PruneNet's ratio, up to 0.9)
 The achieved reduction of all parameters (embeddings included) is always reported beside it.
 """
 

@@ -6,6 +6,7 @@ and up rows, down columns) is removed.
 `ratio` is the fraction of decoder-block parameters removed, so the x-axis matches the other width
 methods; with `scope="ffn"` (PruneNet) that is ratio / ffn_share of each MLP's channels. `scope="all"`
 also drops random KV groups (round(ratio * groups) per block) and sizes the MLP cut to the budget.
+`random_prunenet` is the same slicing at the paper's own ratio (the fraction of each MLP's channels).
 """
 
 from __future__ import annotations

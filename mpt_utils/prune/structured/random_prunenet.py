@@ -18,6 +18,7 @@ from torch import nn
 
 from mpt_utils.calibration import decoder_layers
 from mpt_utils.errors import check_ratio
+from mpt_utils.prune.structured import STRUCTURED
 from mpt_utils.prune.structured.surgery import (
     block_params,
     count_params,
@@ -25,11 +26,6 @@ from mpt_utils.prune.structured.surgery import (
     keep_mlp_channels,
     llama_parts,
 )
-from mpt_utils.registry import Registry
-
-METHOD = "random_prunenet"
-# The compression-law grid's own method (its other one, SliceGPT, is the suite's structured method).
-LAW_METHODS: Registry = Registry("compression-law method", ("model", "ratio", "seed"), family="laws")
 
 
 def kept_channels(d_ff: int, ratio: float) -> int:
@@ -37,32 +33,35 @@ def kept_channels(d_ff: int, ratio: float) -> int:
     return max(1, int((1.0 - ratio) * d_ff))
 
 
-# Its points have always carried the version in their config (`method_version`), so the store's
-# inputs leave it out and their keys stay as they were.
-@LAW_METHODS.register(METHOD, version=1, display="RandomPruneNet", calibration=False, version_in_config=True)
+@STRUCTURED.register("random_prunenet", version=1, display="RandomPruneNet", calibration=False)
 @torch.no_grad()
-def random_prunenet(model: nn.Module, ratio: float, seed: int = 0) -> dict[str, Any]:
-    """Remove `ratio` of every block's FFN channels, chosen uniformly at random from `seed`, in place.
+def random_prunenet(model: nn.Module, ratio: float, calib_ids: torch.Tensor | None = None, *,
+                    cache: dict | None = None, seed: int = 0, device: str | torch.device | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Remove `ratio` of every block's FFN channels, chosen uniformly at random from `seed`, in place
+    (no data: `calib_ids`, `cache`, `device` and `progress` are not read).
 
     Returns what was removed, measured on the tensors: the FFN-channel share (the method's ratio), the
-    share of decoder-block parameters and the share of all parameters (embeddings included)."""
+    share of the FFN parameters, of the decoder-block parameters and of all parameters (embeddings
+    included), and the channels each block keeps."""
     ratio = check_ratio(ratio)
     layers = decoder_layers(model)
     before, block_before = count_params(model), block_params(model)
     ffn_before = sum(count_params(llama_parts(b)[1]) for b in layers)
     gen = torch.Generator().manual_seed(seed)  # one stream over the blocks: reproducible from the seed
     channels_before = channels_after = 0
+    kept = []
     for block in layers:
         d_ff = llama_parts(block)[1].gate_proj.out_features
         keep = kept_channels(d_ff, ratio)
         keep_mlp_channels(block, torch.randperm(d_ff, generator=gen)[:keep])
         channels_before, channels_after = channels_before + d_ff, channels_after + keep
-    finalize(model)
+        kept.append(keep)
+    finalize(model)  # a direct call leaves a model whose config describes its tensors too
     ffn_after = sum(count_params(llama_parts(b)[1]) for b in layers)
-    info = LAW_METHODS.info(METHOD)
-    return {"method": METHOD, "version": info.version, "ratio": ratio, "seed": seed,
+    return {"seed": seed, "kept_channels": kept,
             "ffn_channel_reduction": 1.0 - channels_after / channels_before,
             "ffn_reduction": 1.0 - ffn_after / ffn_before,
             "block_reduction": 1.0 - block_params(model) / block_before,
             "param_reduction": 1.0 - count_params(model) / before,
-            "n_params": count_params(model), "calibration_free": not info.calibration}
+            "n_params": count_params(model), "calibration_free": True}
