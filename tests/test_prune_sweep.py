@@ -44,6 +44,10 @@ def test_the_recipe_list_skips_nm_for_methods_without_it_and_keeps_options():
         method_opts={"besa": {"epochs": 3, "d0": 0.001}}, method_sparsities={"besa": [0.6]})]
     assert recipes == ["wanda@0.3", "wanda@0.6", "wanda@2:4", "owl@0.3[base=wanda]", "owl@0.6[base=wanda]",
                        "besa@0.6[d0=0.001,epochs=3]"]  # OWL's per-block ratios and BESA's rows break N:M
+    # a method's listed points are its subset of the sweep, N:M patterns included ("2:4" text)
+    assert [str(r) for r in prune_recipes(["wanda", "sparsegpt"], [0.3, 0.6], ["2:4", "4:8"],
+                                          method_sparsities={"wanda": [0.6, "4:8"], "sparsegpt": [0.3]})] == [
+        "wanda@0.6", "wanda@4:8", "sparsegpt@0.3"]
     assert parse_method("owl:sparsegpt") == ("owl", {"base": "sparsegpt"}) and parse_method("wanda") == ("wanda", {})
     assert str(prune_recipe("magnitude", pattern="4:8")) == "magnitude@4:8"
     with pytest.raises(MPTError, match="did you mean 'percdamp'"):

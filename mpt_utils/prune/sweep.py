@@ -68,10 +68,11 @@ def prune_recipe(label: str, sparsity: float | None = None, pattern: str | None 
 
 def prune_recipes(methods: Iterable[str], sparsities: Iterable[float] = (), patterns: Iterable[str] = (), *,
                   method_opts: Mapping[str, Mapping[str, Any]] | None = None,
-                  method_sparsities: Mapping[str, Iterable[float]] | None = None) -> list[Recipe]:
+                  method_sparsities: Mapping[str, Iterable[float | str]] | None = None) -> list[Recipe]:
     """Every method label at every sparsity, then at each N:M pattern the method supports (registry
     trait `supports_nm`), with its options from `method_opts`; a label in `method_sparsities` runs
-    only those of `sparsities` (BESA, the costliest method, at the paper's points)."""
+    only the points of the sweep it lists, sparsities and "N:M" patterns (BESA, the costliest
+    method, at the paper's points: [0.5, 0.7])."""
     from mpt_utils.prune import get_method
 
     sparsities, patterns = list(sparsities), list(patterns)
@@ -79,10 +80,14 @@ def prune_recipes(methods: Iterable[str], sparsities: Iterable[float] = (), patt
     for label in methods:
         opts = dict((method_opts or {}).get(label, {}))
         keep = (method_sparsities or {}).get(label)
-        points = sparsities if keep is None else [s for s in sparsities if any(math.isclose(s, k) for k in keep)]
+        points, nm = sparsities, patterns
+        if keep is not None:
+            numbers = [k for k in keep if not isinstance(k, str)]
+            points = [s for s in sparsities if any(math.isclose(s, k) for k in numbers)]
+            nm = [p for p in patterns if parse_pattern(p) in {parse_pattern(k) for k in keep if isinstance(k, str)}]
         recipes += [prune_recipe(label, s, **opts) for s in points]
         if get_method(parse_method(label)[0]).supports_nm:
-            recipes += [prune_recipe(label, pattern=p, **opts) for p in patterns]
+            recipes += [prune_recipe(label, pattern=p, **opts) for p in nm]
     return recipes
 
 
