@@ -104,8 +104,9 @@ class DiagnosticSession:
 
     def diagnosis_settings(self, *, inject: bool, patch: bool) -> dict[str, Any]:
         """What a recipe's diagnosis depends on beyond the recipe and the protocol (its store key)."""
-        return {"diagnostics_version": DIAGNOSTICS_VERSION, "relations": self.relations, "n_facts": self.n_facts, "probe_size": self.probe_size, "k": self.k,
-                "inject": inject, "patch": patch, "keep_sets": self.keep_sets}
+        return {"diagnostics_version": DIAGNOSTICS_VERSION, "relations": self.relations, "n_facts": self.n_facts,
+                "probe_size": self.probe_size, "k": self.k, "inject": inject, "patch": patch,
+                "keep_sets": self.keep_sets}
 
     def point(self, recipe: Recipe | str, *, inject: bool = True, patch: bool = True) -> Diagnosis:
         """The stored diagnosis of the model `recipe` makes, computed now if missing: the engine

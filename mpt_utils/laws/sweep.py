@@ -32,12 +32,14 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
-from mpt_utils.combined.grid import GridSetup, point_config, step_reports
+from mpt_utils.combined.grid import GridSetup, point_config
 from mpt_utils.errors import MPTError, check_ratio
 from mpt_utils.laws.intrinsic import ce_rows
 from mpt_utils.laws.rft import DEFAULTS as RFT_DEFAULTS
 from mpt_utils.laws.rft import lora_rft
 from mpt_utils.models import LoadedModel
+from mpt_utils.prune.structured.surgery import count_params
+from mpt_utils.prune.structured.sweep import downstream_point, step_sizes
 from mpt_utils.recipe import Recipe, Step
 from mpt_utils.session import Session
 from mpt_utils.store import ResultsStore
@@ -136,13 +138,6 @@ def _downstream(model: nn.Module, tokenizer, settings: LawSettings) -> list[dict
     return [r for r in rows if r.get("level", "task") == "task"]
 
 
-def _sizes(scored: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the point's pruning step removed, measured on the tensors (its step report)."""
-    report = step_reports(scored)[0]
-    return {"param_reduction": report["param_reduction"], "block_reduction": report["block_reduction"],
-            "n_params": report["params_after"], "prune_seconds": report["seconds"]}
-
-
 class _ModelGrid:
     """The law points of one base model on its session; rows tagged as the laws read them."""
 
@@ -163,13 +158,11 @@ class _ModelGrid:
             if Recipe.parse(recipe):  # a pruned model's sizes are its recipe point's step report
                 return rows
             # the dense model has no step report: its size is counted here
-            return [{**r, "param_reduction": 0.0, "block_reduction": 0.0, "n_params": _count(model)} for r in rows]
+            return [{**r, "param_reduction": 0.0, "block_reduction": 0.0, "n_params": count_params(model)} for r in rows]
 
         return session.measure(recipe, self.protocol, "ce", s.ce_settings(), measure)
 
     def downstream(self, recipe: str) -> list[dict[str, Any]]:
-        from mpt_utils.prune.structured.sweep import downstream_point
-
         rows = downstream_point(self.session, self.protocol, recipe, self.settings.downstream_settings())
         return [r for r in rows if r.get("level", "task") == "task"]
 
@@ -215,7 +208,8 @@ class _ModelGrid:
             rft_ratios = []
         for ratio in s.all_ratios:
             recipe = recipe_of(method, ratio)
-            size = _sizes(self.session.point(recipe, self.protocol))
+            measured = step_sizes(self.session.point(recipe, self.protocol))
+            size = {k: measured[k] for k in (*SIZES, "prune_seconds")}
             self.add([{**r, **size} for r in self.ce(recipe)], method, ratio)
             size.pop("prune_seconds")
             if ratio in s.ratios and s.tasks:
@@ -251,12 +245,6 @@ class _ModelGrid:
                      "speed_device": res.device, "speed_seqlen": res.seqlen} for res in results]
 
         return session.require_store().get_or_compute(cfg, compute)
-
-
-def _count(model: nn.Module) -> int:
-    from mpt_utils.prune.structured.surgery import count_params
-
-    return count_params(model)
 
 
 ModelSource = LoadedModel | Session | Callable[[], Any]

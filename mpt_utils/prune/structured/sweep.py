@@ -190,8 +190,9 @@ def structured_sweep(session: Session, protocol: Any, recipes: Iterable[str | Re
     return structured_rows(points)
 
 
-def _sizes(scored: list[dict[str, Any]]) -> dict[str, Any]:
-    """The sizes the point's structured step measured on the tensors (its step report)."""
+def step_sizes(scored: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sizes a one-step structured recipe point's step measured on the tensors (its step report):
+    param/block reduction, parameters and blocks after, parameters before, the step's seconds and detail."""
     from mpt_utils.combined.grid import step_reports
 
     report = next(r for r in step_reports(scored) if r.get("family") == FAMILY)
@@ -213,7 +214,7 @@ def structured_rows(points: Iterable[tuple[list[dict[str, Any]], Mapping[str, An
         if not rows:
             continue
         step = _step(rows[0]["recipe"])
-        sizes = _sizes(tags.get("of", rows))
+        sizes = step_sizes(tags.get("of", rows))
         tag = {"method": step.method, "ratio": float(step.setting), "recovered": bool(tags.get("recovered")),
                "calibration_free": not STRUCTURED.info(step.method).calibration,
                **{k: sizes[k] for k in (*SIZE_METRICS, "dense_params")}}
